@@ -1,0 +1,18 @@
+"""grao: the GRAO algorithm layer (eager reference, baselines, trainer and CLI).
+
+The eager reference is the spec (../shared/GRAO_SPEC.md) in code; the fused kernels in
+``grao_kernels`` share its signature and are tested against it.
+"""
+
+from grao._checks import GRAOInputError
+from grao.baselines import dpo_loss, grpo_advantages, grpo_loss, sft_loss
+from grao.reference import (COMPONENTS, grao_loss, grao_objective, grao_row_grad, group_advantages,
+                            linear_grao_loss, linear_logits, sequence_logprob, token_logprobs)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRAOInputError", "COMPONENTS", "token_logprobs", "sequence_logprob", "group_advantages", "grao_objective",
+    "grao_row_grad", "grao_loss", "linear_logits", "linear_grao_loss", "sft_loss", "dpo_loss", "grpo_advantages",
+    "grpo_loss", "__version__",
+]

@@ -1,0 +1,150 @@
+"""Input validation shared by the eager reference and the fused kernels.
+
+Every public loss validates its inputs here, so the eager and fused paths raise the
+same errors for the same bad input. Messages name the argument and give the expected
+and actual shape / dtype / device. Nothing is broadcast, truncated or repaired.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class GRAOInputError(ValueError):
+    """Raised for inputs that do not match the documented layout (see GRAO_SPEC)."""
+
+
+def _fail(msg: str) -> None:
+    raise GRAOInputError(msg)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_tensor(name: str, t, *, floating: bool | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating is True and not t.is_floating_point():
+        _fail(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if floating is False and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        _fail(f"{name} must be an integer tensor (torch.int64 or torch.int32), got dtype {t.dtype}")
+
+
+def check_scalar(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        _fail(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(v):
+        _fail(f"{name} must be finite, got {v}")
+    if positive and v <= 0:
+        _fail(f"{name} must be > 0, got {v}")
+    if nonnegative and v < 0:
+        _fail(f"{name} must be >= 0, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class LinearLayout:
+    """Sizes of a validated (hidden, weight, labels) triple: hidden is [N, D] after flattening."""
+
+    rows: int  # B (labels.shape[0]) or N for 1-D labels
+    seq_len: int  # T (1 for 1-D labels)
+    hidden_dim: int  # D
+    vocab: int  # V
+
+
+def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
+                        check_label_values: bool = True) -> LinearLayout:
+    """Validate hidden [B, T, D] | [B*T, D] | [N, D], weight [V, D], labels [B, T] | [N], bias [V].
+
+    hidden, weight and bias share one floating dtype and one device; labels are int64/int32
+    on the same device with values in [0, V) or equal to ignore_index.
+    """
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("labels", labels, floating=False)
+    if weight.dim() != 2:
+        _fail(f"weight must be [V, D] (the lm_head weight), got shape {_shape(weight)}")
+    vocab, dim = weight.shape
+    if vocab == 0 or dim == 0:
+        _fail(f"weight must have V > 0 and D > 0, got shape {_shape(weight)}")
+    if labels.dim() not in (1, 2):
+        _fail(f"labels must be [B, T] or [N], got shape {_shape(labels)}")
+    if hidden.dim() not in (2, 3):
+        _fail(f"hidden must be [B, T, D] or [B*T, D], got shape {_shape(hidden)}")
+    if hidden.shape[-1] != dim:
+        _fail(f"hidden's last dimension must equal weight's D = {dim} (weight {_shape(weight)}), "
+              f"got hidden {_shape(hidden)}")
+    if hidden.dim() == 3 and tuple(hidden.shape[:2]) != tuple(labels.shape):
+        _fail(f"labels must be [B, T] = [{hidden.shape[0]}, {hidden.shape[1]}] to match hidden "
+              f"{_shape(hidden)}, got labels {_shape(labels)}")
+    if hidden.dim() == 2 and hidden.shape[0] != labels.numel():
+        _fail(f"hidden [N, D] must have N = labels.numel() = {labels.numel()} rows "
+              f"(labels {_shape(labels)}), got hidden {_shape(hidden)}")
+    if weight.dtype != hidden.dtype:
+        _fail(f"weight dtype must equal hidden dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.device != hidden.device:
+        _fail(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
+    if labels.device != hidden.device:
+        _fail(f"labels must be on hidden's device {hidden.device}, got {labels.device}")
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+        if tuple(bias.shape) != (vocab,):
+            _fail(f"bias must be [V] = [{vocab}], got shape {_shape(bias)}")
+        if bias.dtype != hidden.dtype:
+            _fail(f"bias dtype must equal hidden dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.device != hidden.device:
+            _fail(f"bias must be on hidden's device {hidden.device}, got {bias.device}")
+    if check_label_values and labels.numel() > 0:
+        valid = labels != ignore_index
+        bad = valid & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            _fail(f"labels must be in [0, V) = [0, {vocab}) or equal ignore_index = {ignore_index}; "
+                  f"found {first}")
+    rows = labels.shape[0] if labels.dim() == 2 else labels.numel()
+    seq_len = labels.shape[1] if labels.dim() == 2 else 1
+    return LinearLayout(rows=rows, seq_len=seq_len, hidden_dim=dim, vocab=vocab)
+
+
+def check_rewards(rewards, num_rows: int | None = None, *, device=None) -> tuple[int, int]:
+    """Validate rewards [P, G+1] (G >= 1, finite, floating); return (P, G)."""
+    check_tensor("rewards", rewards, floating=True)
+    if rewards.dim() != 2:
+        _fail(f"rewards must be [P, G+1] (G samples then the reference), got shape {_shape(rewards)}")
+    prompts, width = rewards.shape
+    if width < 2:
+        _fail(f"rewards must be [P, G+1] with G >= 1 (at least one sample and the reference), "
+              f"got shape {_shape(rewards)}")
+    if prompts == 0:
+        _fail(f"rewards must hold at least one prompt, got shape {_shape(rewards)}")
+    if num_rows is not None and num_rows != prompts * width:
+        _fail(f"the batch must hold B = P * (G+1) rows; rewards {_shape(rewards)} gives "
+              f"P * (G+1) = {prompts * width}, but labels have B = {num_rows} rows"
+              + (" (B is not a multiple of G+1)" if num_rows % width else ""))
+    if device is not None and rewards.device != device:
+        _fail(f"rewards must be on the device of hidden/labels {device}, got {rewards.device}")
+    if not bool(torch.isfinite(rewards).all()):
+        _fail("rewards must be finite; found NaN or inf")
+    return prompts, width - 1
+
+
+def check_reference_rows(token_counts: torch.Tensor, group_width: int) -> None:
+    """token_counts [B]: completion tokens per row. Every reference row (last of each group) needs one."""
+    ref_counts = token_counts.view(-1, group_width)[:, -1]
+    empty = (ref_counts == 0).nonzero().flatten()
+    if empty.numel() > 0:
+        p = int(empty[0])
+        _fail(f"labels: the reference answer of prompt {p} (row {p * group_width + group_width - 1}) "
+              f"has no completion tokens (all positions equal ignore_index); an empty reference "
+              f"answer is invalid")
+
+
+def check_grao_hyper(beta, lam, eps, temperature) -> tuple[float, float, float, float]:
+    return (check_scalar("beta", beta), check_scalar("lam", lam),
+            check_scalar("eps", eps, positive=True), check_scalar("temperature", temperature, positive=True))

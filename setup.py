@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="grao-kernels",
+    version="0.1.0",
+    description="Fused Triton kernels and a thin trainer for GRAO (Group Relative Alignment Optimization) "
+                "training of language models on one GPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["grao", "grao.*", "grao_kernels", "grao_kernels.*"]),
+    package_data={"grao": ["data/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "transformers>=4.45",
+        "pyyaml",
+    ],
+    extras_require={
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["grao = grao.cli:main"]},
+)

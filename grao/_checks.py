@@ -148,3 +148,19 @@ def check_reference_rows(token_counts: torch.Tensor, group_width: int) -> None:
 def check_grao_hyper(beta, lam, eps, temperature) -> tuple[float, float, float, float]:
     return (check_scalar("beta", beta), check_scalar("lam", lam),
             check_scalar("eps", eps, positive=True), check_scalar("temperature", temperature, positive=True))
+
+
+def check_linear_grao_inputs(hidden, weight, labels, rewards, bias, *, beta, lam, eps, temperature,
+                             ignore_index) -> tuple[LinearLayout, int, torch.Tensor, tuple[float, float, float, float]]:
+    """All checks of the GRAO loss on (hidden, weight, labels, rewards, bias), shared by eager and fused paths.
+
+    Returns (layout, G, token_counts [B], (beta, lam, eps, temperature)).
+    """
+    layout = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    if labels.dim() != 2:
+        _fail(f"labels must be [B, T] for the GRAO loss, got shape {_shape(labels)}")
+    hyper = check_grao_hyper(beta, lam, eps, temperature)
+    _, group = check_rewards(rewards, layout.rows, device=hidden.device)
+    counts = (labels != ignore_index).sum(-1)
+    check_reference_rows(counts, group + 1)
+    return layout, group, counts, hyper

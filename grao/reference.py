@@ -12,10 +12,9 @@ reference answer last; per-token tensors are [B, T]; rewards are [P, G + 1].
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from grao._checks import (check_grao_hyper, check_linear_inputs, check_reference_rows, check_rewards,
-                          check_tensor, GRAOInputError)
+from grao._checks import (GRAOInputError, check_grao_hyper, check_linear_grao_inputs, check_reference_rows,
+                          check_rewards, check_tensor)
 
 COMPONENTS = ("exploration", "imitation", "alignment")
 
@@ -159,10 +158,9 @@ def linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         stats: {"exploration", "imitation", "alignment"} scalars summing to loss, "advantages" [P, G+1],
         "seq_logp" [B] (detached), "num_tokens" [B].
     """
-    layout = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
-    if labels.dim() != 2:
-        raise GRAOInputError(f"labels must be [B, T] for the GRAO loss, got shape {list(labels.shape)}")
-    temperature = check_grao_hyper(beta, lam, eps, temperature)[3]
+    layout, _, _, (beta, lam, eps, temperature) = check_linear_grao_inputs(
+        hidden, weight, labels, rewards, bias, beta=beta, lam=lam, eps=eps, temperature=temperature,
+        ignore_index=ignore_index)
     h = hidden.reshape(layout.rows, layout.seq_len, layout.hidden_dim)
     logits = linear_logits(h, weight, bias, temperature)
     token_logp = token_logprobs(logits, labels, ignore_index=ignore_index)

@@ -1,0 +1,115 @@
+"""Chunked PyTorch path: per-token log-probs from hidden states without [N x V] logits.
+
+The CPU (and float64) implementation behind :func:`grao_kernels.linear_logprob` and
+:func:`grao_kernels.fused_linear_grao_loss`. It walks the completion tokens in chunks whose
+fp32 logits fit a memory budget, so peak memory is O(chunk x V) instead of O(N x V).
+The idea of chunking the lm_head + loss and computing the input gradients inside the
+forward pass, when the loss gradient is known there, comes from Liger-Kernel's
+fused_linear_cross_entropy (and its chunked preference losses); this is our own code.
+
+Only non-ignored tokens are visited: prompt and padding positions cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: fp32 logits budget per chunk; two [rows x V] buffers live at once (logits and the
+#: temporary of logsumexp). 64 MiB keeps the CPU path's extra memory near 2 % of the eager
+#: path's at the benchmark shape (N=4096, V=32000) while each chunk is a large matmul.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Tokens per chunk so that two fp32 [rows x vocab] buffers fit in ``chunk_bytes``."""
+    return max(1, int(chunk_bytes) // (2 * 4 * max(1, vocab)))
+
+
+@dataclass
+class ChunkedResult:
+    logp: torch.Tensor  # [N] fp32 (fp64 for fp64 inputs), 0 at ignored tokens
+    lse: torch.Tensor  # [N] log-sum-exp of the scaled logits (0 at ignored tokens)
+    entropy: torch.Tensor | None  # [N] or None
+    grad_hidden: torch.Tensor | None  # [N, D] in hidden's dtype
+    grad_weight: torch.Tensor | None  # [V, D] in weight's dtype
+    grad_bias: torch.Tensor | None  # [V] in bias's dtype
+
+
+def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           bias: torch.Tensor | None, *, temperature: float, ignore_index: int,
+                           return_entropy: bool = False, grad_logp: torch.Tensor | None = None,
+                           lse: torch.Tensor | None = None, need_hidden: bool = True, need_weight: bool = True,
+                           need_bias: bool = True, chunk_bytes: int | None = None) -> ChunkedResult:
+    """One chunked pass over the completion tokens; optionally also the input gradients.
+
+    hidden [N, D], weight [V, D], bias [V] | None (one float dtype), labels [N] int.
+    grad_logp [N] fp32: when given, the pass also returns dLoss/dhidden, dLoss/dweight,
+    dLoss/dbias for loss gradients ``grad_logp`` w.r.t. the log-probs (accumulated in
+    fp32/fp64 and cast once). lse [N]: reuse a saved log-sum-exp instead of recomputing it.
+    Logits are formed in the inputs' dtype and upcast, exactly as the eager path does.
+    """
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    dtype = hidden.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    device = hidden.device
+    mask = labels != ignore_index
+    active = mask.nonzero().flatten()
+    if grad_logp is not None and lse is not None:
+        # Backward pass (log-probs already known): tokens with no incoming gradient add nothing.
+        active = active[grad_logp.index_select(0, active) != 0]
+    out_logp = torch.zeros(n, dtype=acc, device=device)
+    out_lse = torch.zeros(n, dtype=acc, device=device) if lse is None else lse
+    out_ent = torch.zeros(n, dtype=acc, device=device) if return_entropy else None
+    want_grads = grad_logp is not None
+    g_hidden = torch.zeros(n, dim, dtype=dtype, device=device) if want_grads and need_hidden else None
+    g_weight = torch.zeros(vocab, dim, dtype=acc, device=device) if want_grads and need_weight else None
+    g_bias = torch.zeros(vocab, dtype=acc, device=device) if want_grads and need_bias and bias is not None else None
+    weight_t = weight.t()
+    bias_acc = bias.to(acc) if bias is not None else None
+    step = chunk_rows(vocab, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    for start in range(0, active.numel(), step):
+        rows = active[start:start + step]
+        h = hidden.index_select(0, rows)
+        target = labels.index_select(0, rows).long()
+        z = torch.mm(h, weight_t)
+        if z.dtype != acc:
+            z = z.to(acc)
+        if bias_acc is not None:
+            z += bias_acc
+        if temperature != 1.0:
+            z /= temperature
+        if lse is None:
+            row_lse = torch.logsumexp(z, dim=-1)
+            out_lse.index_copy_(0, rows, row_lse)
+        else:
+            row_lse = lse.index_select(0, rows).to(acc)
+        picked = z.gather(1, target.unsqueeze(1)).squeeze(1)
+        out_logp.index_copy_(0, rows, picked - row_lse)
+        z -= row_lse.unsqueeze(1)  # z is now log-softmax
+        if return_entropy:
+            ent = -(z.exp() * z).sum(-1)
+            out_ent.index_copy_(0, rows, ent)
+        if not want_grads:
+            continue
+        g = grad_logp.index_select(0, rows).to(acc)
+        # dlogp_t/dz = onehot(label) - softmax(z); scaled by the incoming g and 1/temperature.
+        dz = z.exp_()
+        dz *= -(g / temperature).unsqueeze(1)
+        dz.scatter_add_(1, target.unsqueeze(1), (g / temperature).unsqueeze(1))
+        if g_hidden is not None:
+            g_hidden.index_copy_(0, rows, torch.mm(dz.to(dtype), weight).to(dtype))
+        if g_weight is not None:
+            g_weight.addmm_(dz.t(), h.to(acc))
+        if g_bias is not None:
+            g_bias += dz.sum(0)
+    return ChunkedResult(
+        logp=out_logp.to(torch.float32) if acc == torch.float32 else out_logp,
+        lse=out_lse,
+        entropy=out_ent,
+        grad_hidden=g_hidden,
+        grad_weight=None if g_weight is None else g_weight.to(weight.dtype),
+        grad_bias=None if g_bias is None else g_bias.to(bias.dtype),
+    )

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 import torch
 
 
+def _checking_values() -> bool:
+    """Value checks (label range, finite rewards, empty references) read tensor data; under
+    torch.compile they would break the graph, so only shape/dtype/device checks run there."""
+    return not torch.compiler.is_compiling()
+
+
 class GRAOInputError(ValueError):
     """Raised for inputs that do not match the documented layout (see GRAO_SPEC)."""
 
@@ -100,7 +106,7 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
             _fail(f"bias dtype must equal hidden dtype {hidden.dtype}, got {bias.dtype}")
         if bias.device != hidden.device:
             _fail(f"bias must be on hidden's device {hidden.device}, got {bias.device}")
-    if check_label_values and labels.numel() > 0:
+    if check_label_values and labels.numel() > 0 and _checking_values():
         valid = labels != ignore_index
         bad = valid & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
@@ -129,13 +135,15 @@ def check_rewards(rewards, num_rows: int | None = None, *, device=None) -> tuple
               + (" (B is not a multiple of G+1)" if num_rows % width else ""))
     if device is not None and rewards.device != device:
         _fail(f"rewards must be on the device of hidden/labels {device}, got {rewards.device}")
-    if not bool(torch.isfinite(rewards).all()):
+    if _checking_values() and not bool(torch.isfinite(rewards).all()):
         _fail("rewards must be finite; found NaN or inf")
     return prompts, width - 1
 
 
 def check_reference_rows(token_counts: torch.Tensor, group_width: int) -> None:
     """token_counts [B]: completion tokens per row. Every reference row (last of each group) needs one."""
+    if not _checking_values():
+        return
     ref_counts = token_counts.view(-1, group_width)[:, -1]
     empty = (ref_counts == 0).nonzero().flatten()
     if empty.numel() > 0:

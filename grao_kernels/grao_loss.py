@@ -5,21 +5,26 @@ forward pass (GRAO_SPEC.md: -c_s / (|s| P)). So:
 
 * CUDA (Triton): one log-prob kernel keeps the per-token log-sum-exp, one epilogue kernel
   turns log-probs and rewards into the loss, its three components and the per-token
-  gradient; the backward is a single kernel (the log-prob backward fed that gradient).
+  gradient, and one backward kernel (the log-prob backward fed that gradient) produces the
+  input gradients right away, in the same call.
 * CPU / float64 (chunked PyTorch): the gradients are computed in the same chunked pass as
-  the log-probs (no recompute of the logits), and backward only scales them by the
-  incoming gradient. The small per-prompt math is grao.reference's, unchanged.
+  the log-probs (no recompute of the logits). The small per-prompt math is
+  grao.reference's, unchanged.
+
+Either way autograd's backward only scales the stored gradients by the incoming gradient.
 
 Same signature, return value and errors as the eager ``grao.linear_grao_loss``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from grao._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
 from grao.reference import grao_objective, grao_row_grad, group_advantages as eager_group_advantages
-from grao.reference import sequence_logprob
+from grao.reference import COMPONENTS, sequence_logprob
 from grao_kernels._backend import resolve_backend
 from grao_kernels._chunked import chunked_linear_logprob
 
@@ -38,68 +43,100 @@ def group_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, reference_in_s
     return eager_group_advantages(rewards, eps=eps, reference_in_stats=reference_in_stats)
 
 
-def _triton_forward(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
-                    ignore_index):
+def _triton_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
+                 ignore_index, needs):
+    """Log-prob kernel -> epilogue kernel (loss, parts, per-token gradient) -> log-prob backward kernel."""
     from grao_kernels._triton_grao import triton_grao_epilogue
-    from grao_kernels._triton_linear import triton_logprob_forward
+    from grao_kernels._triton_linear import triton_logprob_backward, triton_logprob_forward
 
     rows, seq_len = labels.shape
-    logp, lse, _ = triton_logprob_forward(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
+    flat_labels = labels.reshape(-1)
+    logp, lse, _ = triton_logprob_forward(hidden, weight, flat_labels, bias, temperature=temperature,
                                           ignore_index=ignore_index, return_entropy=False)
     components, adv, seq_logp, counts, grad_logp = triton_grao_epilogue(
         logp.view(rows, seq_len), labels, rewards, beta=beta, lam=lam, eps=eps,
         reference_in_stats=reference_in_stats, ignore_index=ignore_index)
-    return components, adv, seq_logp, counts, grad_logp.reshape(-1), lse
+    grads = (None, None, None)
+    if any(needs):
+        grads = triton_logprob_backward(hidden, weight, flat_labels, bias, lse, grad_logp.reshape(-1),
+                                        temperature=temperature, ignore_index=ignore_index, need_hidden=needs[0],
+                                        need_weight=needs[1], need_bias=needs[2])
+    return components.sum(), components, adv, seq_logp, counts, grads
 
 
-class FusedLinearGRAOFunction(torch.autograd.Function):
-    """hidden [N, D], weight [V, D], bias [V] | None, labels [B, T], rewards [P, G+1] -> loss and stats."""
+def _chunked_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
+                  ignore_index, needs):
+    """Advantages and per-token gradients first (grao.reference), then one chunked pass for log-probs and grads."""
+    mask = labels != ignore_index
+    counts = mask.sum(-1)
+    adv = eager_group_advantages(rewards, eps=eps, reference_in_stats=reference_in_stats)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    adv_acc = adv.to(acc)
+    grad_logp = (grao_row_grad(adv_acc, counts, beta=beta, lam=lam).unsqueeze(1) * mask).reshape(-1)
+    out = chunked_linear_logprob(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
+                                 ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
+                                 need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
+    seq_logp = sequence_logprob(out.logp.view(labels.shape), mask)
+    loss, parts = grao_objective(seq_logp, adv_acc, beta=beta, lam=lam)
+    components = torch.stack([parts[name] for name in COMPONENTS])
+    return loss, components, adv_acc, seq_logp, counts, (out.grad_hidden, out.grad_weight, out.grad_bias)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
-                ignore_index, backend):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
-        flat_labels = labels.reshape(-1)
-        ctx.backend = backend
-        if backend == "triton":
-            components, adv, seq_logp, counts, grad_logp, lse = _triton_forward(
-                hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index)
-            ctx.save_for_backward(hidden, weight, bias, flat_labels, lse, grad_logp)
-            ctx.config = (temperature, ignore_index, needs)
-            loss = components.sum()
-        else:
-            mask = labels != ignore_index
-            counts = mask.sum(-1)
-            adv = eager_group_advantages(rewards, eps=eps, reference_in_stats=reference_in_stats)
-            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            adv_acc = adv.to(acc)
-            grad_logp = (grao_row_grad(adv_acc, counts, beta=beta, lam=lam).unsqueeze(1) * mask).reshape(-1)
-            out = chunked_linear_logprob(hidden, weight, flat_labels, bias, temperature=temperature,
-                                         ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
-                                         need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-            seq_logp = sequence_logprob(out.logp.view(labels.shape), mask)
-            loss, parts = grao_objective(seq_logp, adv_acc, beta=beta, lam=lam)
-            components = torch.stack([parts["exploration"], parts["imitation"], parts["alignment"]])
-            ctx.save_for_backward(out.grad_hidden, out.grad_weight, out.grad_bias)
-        ctx.mark_non_differentiable(components, adv, seq_logp, counts)
-        return loss, components, adv, seq_logp, counts
 
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        if ctx.backend == "triton":
-            from grao_kernels._triton_linear import triton_logprob_backward
-            hidden, weight, bias, labels, lse, grad_logp = ctx.saved_tensors
-            temperature, ignore_index, (need_h, need_w, need_b) = ctx.config
-            dh, dw, db = triton_logprob_backward(hidden, weight, labels, bias, lse, grad_logp * grad_loss.float(),
-                                                 temperature=temperature, ignore_index=ignore_index,
-                                                 need_hidden=need_h, need_weight=need_w, need_bias=need_b)
-        else:
-            dh, dw, db = ctx.saved_tensors
-            scale = grad_loss
-            dh = None if dh is None else dh * scale.to(dh.dtype)
-            dw = None if dw is None else dw * scale.to(dw.dtype)
-            db = None if db is None else db * scale.to(db.dtype)
-        return dh, dw, db, None, None, None, None, None, None, None, None, None
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# A torch.library custom op (fake implementation + autograd) so torch.compile(fullgraph=True)
+# traces through it. The loss gradient w.r.t. every log-prob is known in the forward (the
+# advantages are constants), so the op returns the input gradients of the loss alongside it
+# whenever they are needed, and the backward only scales them by the incoming gradient.
+@torch.library.custom_op("grao_kernels::fused_linear_grao", mutates_args=())
+def fused_linear_grao_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, rewards: torch.Tensor, beta: float, lam: float, eps: float,
+                         reference_in_stats: bool, temperature: float, ignore_index: int, need_hidden: bool,
+                         need_weight: bool, need_bias: bool, backend: str) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor]:
+    """hidden [N, D], weight [V, D], bias [V] | None, labels [B, T] int64, rewards [P, G+1] ->
+    (loss [], components [3], advantages [P, G+1], seq_logp [B], num_tokens [B],
+     dloss/dhidden [N, D] | [0], dloss/dweight [V, D] | [0], dloss/dbias [V] | [0])."""
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    run = _triton_pass if backend == "triton" else _chunked_pass
+    loss, components, adv, seq_logp, counts, grads = run(hidden, weight, bias, labels, rewards, beta, lam, eps,
+                                                          reference_in_stats, temperature, ignore_index, needs)
+    acc = _acc_dtype(hidden.dtype)
+    adv = adv.to(_acc_dtype(rewards.dtype))  # the reference's dtype for advantages
+    dh, dw, db = (hidden.new_empty(0) if g is None else g for g in grads)
+    return loss.to(acc), components.to(acc), adv, seq_logp.to(acc), counts.long(), dh, dw, db
+
+
+@fused_linear_grao_op.register_fake
+def _(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index,
+      need_hidden, need_weight, need_bias, backend):
+    acc = _acc_dtype(hidden.dtype)
+    rows = labels.shape[0]
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(3, dtype=acc),
+            rewards.new_empty(rewards.shape, dtype=_acc_dtype(rewards.dtype)), hidden.new_empty(rows, dtype=acc),
+            labels.new_empty(rows, dtype=torch.int64),
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[5:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _autograd_backward(ctx, grad_loss, *_unused):
+    grads = []
+    for g in ctx.saved_tensors:
+        grads.append(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype))
+    dh, dw, db = grads
+    return (dh, dw, db) + (None,) * 12
+
+
+fused_linear_grao_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor,
@@ -122,18 +159,20 @@ def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         hidden, weight and bias; stats {"exploration", "imitation", "alignment"} (detached scalars
         summing to loss), "advantages" [P, G+1], "seq_logp" [B], "num_tokens" [B].
 
-    On CPU the gradients are computed during the forward call when any input requires grad
-    (they are known then), so a forward without backward costs the backward's work too: wrap
-    evaluation in ``torch.no_grad()``.
+    The gradients are computed during the forward call when any input requires grad (they are
+    known then: the advantages are constants), so a forward without backward costs the backward's
+    work too: wrap evaluation in ``torch.no_grad()``. Only ``loss`` carries a gradient.
     """
     layout, _, _, (beta, lam, eps, temperature) = check_linear_grao_inputs(
         hidden, weight, labels, rewards, bias, beta=beta, lam=lam, eps=eps, temperature=temperature,
         ignore_index=ignore_index)
     chosen = resolve_backend(backend, hidden)
     flat_hidden = hidden.reshape(-1, layout.hidden_dim)
-    loss, components, adv, seq_logp, counts = FusedLinearGRAOFunction.apply(
+    grad_on = torch.is_grad_enabled()
+    loss, components, adv, seq_logp, counts, *_ = fused_linear_grao_op(
         flat_hidden, weight, bias, labels.long(), rewards.detach(), beta, lam, eps, bool(reference_in_stats),
-        temperature, int(ignore_index), chosen)
+        temperature, int(ignore_index), grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, chosen)
     stats = {"exploration": components[0], "imitation": components[1], "alignment": components[2],
              "advantages": adv, "seq_logp": seq_logp, "num_tokens": counts}
     return loss, stats

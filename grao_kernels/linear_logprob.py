@@ -8,6 +8,8 @@ against ``grao.token_logprobs`` on full logits.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from grao._checks import check_linear_inputs, check_scalar
@@ -40,30 +42,71 @@ def _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature
     return out.grad_hidden, out.grad_weight, out.grad_bias
 
 
-class LinearLogprobFunction(torch.autograd.Function):
-    """Autograd for hidden [N, D], weight [V, D], bias [V] | None, labels [N] -> logp [N] fp32."""
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature: float, ignore_index: int, return_entropy: bool,
-                backend: str):
-        logp, lse, entropy = _forward(backend, hidden, weight, labels, bias, temperature, ignore_index,
-                                      return_entropy)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.config = (temperature, ignore_index, backend)
-        if entropy is None:
-            return logp
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
 
-    @staticmethod
-    def backward(ctx, grad_logp, *unused):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        temperature, ignore_index, backend = ctx.config
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        grad_logp = grad_logp.to(lse.dtype).contiguous()
-        dh, dw, db = _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature, ignore_index,
-                               needs)
-        return dh, dw, db, None, None, None, None, None
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+# The forward and backward are torch.library custom ops with fake (meta) implementations and
+# autograd, so torch.compile(fullgraph=True) traces through them (issue: compile support).
+@torch.library.custom_op("grao_kernels::linear_logprob_forward", mutates_args=())
+def linear_logprob_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool,
+                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp [N], lse [N], entropy [N] | [0])."""
+    logp, lse, entropy = _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, return_entropy)
+    return logp, lse, _empty(logp) if entropy is None else entropy
+
+
+@linear_logprob_forward_op.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, backend):
+    n, acc = hidden.shape[0], _acc_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(n if return_entropy else 0, dtype=acc))
+
+
+@torch.library.custom_op("grao_kernels::linear_logprob_backward", mutates_args=())
+def linear_logprob_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, temperature: float,
+                               ignore_index: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dhidden [N, D] | [0], dweight [V, D] | [0], dbias [V] | [0]) for grad_logp [N]."""
+    dh, dw, db = _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature, ignore_index,
+                           (need_hidden, need_weight, need_bias and bias is not None))
+    return (_empty(hidden) if dh is None else dh, _empty(weight) if dw is None else dw,
+            _empty(weight) if db is None else db)
+
+
+@linear_logprob_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, grad_logp, temperature, ignore_index, need_hidden, need_weight, need_bias,
+      backend):
+    return (torch.empty_like(hidden) if need_hidden else _empty(hidden),
+            torch.empty_like(weight) if need_weight else _empty(weight),
+            torch.empty_like(bias) if need_bias and bias is not None else _empty(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, _, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.config = (temperature, ignore_index, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _autograd_backward(ctx, grad_logp, _grad_lse, _grad_entropy):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    temperature, ignore_index, backend = ctx.config
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    dh, dw, db = linear_logprob_backward_op(hidden, weight, bias, labels, lse, grad_logp.to(lse.dtype).contiguous(),
+                                            temperature, ignore_index, need_hidden, need_weight,
+                                            bool(need_bias and bias is not None), backend)
+    return (dh if need_hidden else None, dw if need_weight else None,
+            db if need_bias and bias is not None else None, None, None, None, None, None)
+
+
+linear_logprob_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -88,9 +131,8 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     chosen = resolve_backend(backend, hidden)
     flat_hidden = hidden.reshape(-1, layout.hidden_dim)
     flat_labels = labels.reshape(-1).long().contiguous()
-    out = LinearLogprobFunction.apply(flat_hidden, weight, bias, flat_labels, temperature, int(ignore_index),
-                                      bool(return_entropy), chosen)
+    logp, _, entropy = linear_logprob_forward_op(flat_hidden, weight, bias, flat_labels, temperature,
+                                                 int(ignore_index), bool(return_entropy), chosen)
     if return_entropy:
-        logp, entropy = out
         return logp.view(labels.shape), entropy.view(labels.shape)
-    return out.view(labels.shape)
+    return logp.view(labels.shape)

@@ -3,6 +3,8 @@ reference and float64: loss, components and gradients of hidden, weight and bias
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from tests.numerics import assert_no_worse_than_eager
 
 IGN = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# On CPU the "triton" backend runs the kernels in the Triton interpreter (tests/conftest.py).
+BACKENDS = ["auto", pytest.param("triton", marks=pytest.mark.triton)]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float16: (1e-5, 1e-2)}
 
 
@@ -56,16 +60,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_grao_no_worse_than_eager(case, dtype, device, monkeypatch):
+def test_fused_grao_no_worse_than_eager(case, dtype, device, backend, monkeypatch):
     monkeypatch.setattr(chunked, "DEFAULT_CHUNK_BYTES", 8 * 1024)  # many chunks, ragged last chunk
     prompts, group, seq_len, dim, vocab, temperature, with_bias = case
     hidden, weight, bias, labels, rewards = make_problem(prompts, group, seq_len, dim, vocab, dtype=dtype,
                                                          device=device, bias=with_bias, seed=sum(case[:5]))
-    fused, eager, ref = run_three_ways(grao_kernels.fused_linear_grao_loss, grao.linear_grao_loss, hidden, weight,
-                                       bias, labels, rewards, temperature=temperature)
+    fused_fn = functools.partial(grao_kernels.fused_linear_grao_loss, backend=backend)
+    fused, eager, ref = run_three_ways(fused_fn, grao.linear_grao_loss, hidden, weight, bias, labels, rewards,
+                                       temperature=temperature)
     atol, rtol = TOL[dtype]
     assert_no_worse_than_eager(fused[0], eager[0], ref[0], atol=atol, rtol=rtol, what="loss")
     assert_no_worse_than_eager(fused[1], eager[1], ref[1], atol=atol, rtol=rtol, what="components")
@@ -79,9 +85,10 @@ def test_fused_grao_no_worse_than_eager(case, dtype, device, monkeypatch):
                                what="seq_logp")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_logprob_no_worse_than_eager(dtype, device, monkeypatch):
+def test_linear_logprob_no_worse_than_eager(dtype, device, backend, monkeypatch):
     monkeypatch.setattr(chunked, "DEFAULT_CHUNK_BYTES", 4 * 1024)
     hidden, weight, bias, labels, _ = make_problem(2, 2, 11, 33, 129, dtype=dtype, device=device, bias=True, seed=4)
     labels[0] = IGN  # an empty row
@@ -94,7 +101,8 @@ def test_linear_logprob_no_worse_than_eager(dtype, device, monkeypatch):
             logits = grao.linear_logits(ins[0], ins[1], ins[2], 0.8).double()
             ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) * (labels != IGN)
         else:
-            logp, ent = fn(ins[0], ins[1], labels, bias=ins[2], temperature=0.8, return_entropy=True)
+            logp, ent = fn(ins[0], ins[1], labels, bias=ins[2], temperature=0.8, return_entropy=True,
+                           backend=backend)
         grads = torch.autograd.grad((logp * grad_out.to(logp.dtype)).sum(), ins)
         results.append((logp.detach(), ent.detach(), grads))
     (f_logp, f_ent, f_grads), (e_logp, _, e_grads), (r_logp, r_ent, r_grads) = results
@@ -168,9 +176,14 @@ def test_no_grad_forward_and_double_backward_scaling():
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_group_advantages_public():
-    rewards = torch.randn(5, 9, dtype=torch.float64)
-    torch.testing.assert_close(grao_kernels.group_advantages(rewards), grao.group_advantages(rewards))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_advantages_public(backend):
+    rewards = torch.randn(5, 9)
+    rewards[1] = 0.25  # a constant group: exactly zero
+    expected = grao.group_advantages(rewards)
+    got = grao_kernels.group_advantages(rewards, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(got[1]) == 0
 
 
 @pytest.mark.parametrize("bad", [

@@ -30,7 +30,7 @@ def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
 @dataclass
 class ChunkedResult:
     logp: torch.Tensor  # [N] fp32 (fp64 for fp64 inputs), 0 at ignored tokens
-    lse: torch.Tensor  # [N] log-sum-exp of the scaled logits (0 at ignored tokens)
+    lse: torch.Tensor  # [2, N]: row max m and log sum exp(z - m) of the scaled logits (0 at ignored tokens)
     entropy: torch.Tensor | None  # [N] or None
     grad_hidden: torch.Tensor | None  # [N, D] in hidden's dtype
     grad_weight: torch.Tensor | None  # [V, D] in weight's dtype
@@ -40,14 +40,22 @@ class ChunkedResult:
 def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            bias: torch.Tensor | None, *, temperature: float, ignore_index: int,
                            return_entropy: bool = False, grad_logp: torch.Tensor | None = None,
-                           lse: torch.Tensor | None = None, need_hidden: bool = True, need_weight: bool = True,
+                           backward_only: bool = False, need_hidden: bool = True, need_weight: bool = True,
                            need_bias: bool = True, chunk_bytes: int | None = None) -> ChunkedResult:
     """One chunked pass over the completion tokens; optionally also the input gradients.
 
     hidden [N, D], weight [V, D], bias [V] | None (one float dtype), labels [N] int.
     grad_logp [N] fp32: when given, the pass also returns dLoss/dhidden, dLoss/dweight,
     dLoss/dbias for loss gradients ``grad_logp`` w.r.t. the log-probs (accumulated in
-    fp32/fp64 and cast once). lse [N]: reuse a saved log-sum-exp instead of recomputing it.
+    fp32/fp64 and cast once). backward_only: the log-probs are not needed (autograd's
+    backward), so tokens with grad_logp == 0 are skipped.
+
+    The normaliser of each chunk is recomputed from the logits of that same chunk, never taken
+    from a saved log-sum-exp: the backward's chunks hold other tokens than the forward's, and a
+    matmul over other rows may round the logits differently; with large logits a saved lse would
+    then no longer normalise them (softmax off by |z| * 1e-7 relative, far more than eager's
+    error). The log-prob is formed as (z - m) - log s, which keeps a confident token's tiny
+    log-prob accurate where z - (m + log s) in fp32 would not.
     Logits are formed in the inputs' dtype and upcast, exactly as the eager path does.
     """
     n, dim = hidden.shape
@@ -57,11 +65,11 @@ def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     device = hidden.device
     mask = labels != ignore_index
     active = mask.nonzero().flatten()
-    if grad_logp is not None and lse is not None:
+    if grad_logp is not None and backward_only:
         # Backward pass (log-probs already known): tokens with no incoming gradient add nothing.
         active = active[grad_logp.index_select(0, active) != 0]
     out_logp = torch.zeros(n, dtype=acc, device=device)
-    out_lse = torch.zeros(n, dtype=acc, device=device) if lse is None else lse
+    out_lse = torch.zeros(2, n, dtype=acc, device=device)
     out_ent = torch.zeros(n, dtype=acc, device=device) if return_entropy else None
     want_grads = grad_logp is not None
     g_hidden = torch.zeros(n, dim, dtype=dtype, device=device) if want_grads and need_hidden else None
@@ -87,26 +95,20 @@ def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: t
             out_ent.index_copy_(0, rows, -(log_softmax.exp() * log_softmax).sum(-1))
             del log_softmax
         # One exp pass over the chunk: exp(z - shift) serves both the log-sum-exp and the softmax.
-        if lse is None:
-            shift = z.amax(dim=-1, keepdim=True)
-            z -= shift
-            probs = z.exp_()
-            total = probs.sum(dim=-1, keepdim=True)
-            row_lse = (shift + total.log()).squeeze(1)
-            out_lse.index_copy_(0, rows, row_lse)
-        else:
-            row_lse = lse.index_select(0, rows).to(acc)
-            z -= row_lse.unsqueeze(1)
-            probs = z.exp_()
-            total = None
-        out_logp.index_copy_(0, rows, picked - row_lse)
+        shift = z.amax(dim=-1, keepdim=True)
+        z -= shift
+        probs = z.exp_()
+        total = probs.sum(dim=-1, keepdim=True)
+        shift, log_total = shift.squeeze(1), total.log().squeeze(1)
+        out_lse.index_copy_(1, rows, torch.stack([shift, log_total]))
+        out_logp.index_copy_(0, rows, (picked - shift) - log_total)
         if not want_grads:
             continue
         coef = (grad_logp.index_select(0, rows).to(acc) / temperature).unsqueeze(1)
         # dlogp_t/dz = onehot(label) - softmax(z), times the incoming g and 1/temperature;
         # the softmax normalisation is folded into the same in-place multiply.
         dz = probs
-        dz *= -coef if total is None else -coef / total
+        dz *= -coef / total
         dz.scatter_add_(1, target.unsqueeze(1), coef)
         if g_hidden is not None:
             g_hidden.index_copy_(0, rows, torch.mm(dz.to(dtype), weight).to(dtype))

@@ -2,7 +2,7 @@
 
 Host functions (called by the autograd wrappers in ``grao_kernels``):
 
-* :func:`triton_logprob_forward`  -> (logp [N] fp32, lse [N] fp32, entropy [N] fp32 | None)
+* :func:`triton_logprob_forward`  -> (logp [N] fp32, lse [2, N] fp32, entropy [N] fp32 | None)
 * :func:`triton_logprob_backward` -> (dhidden [N, D], dweight [V, D], dbias [V]) in the input dtypes
 
 Organisation (the technique follows Apple's ml-cross-entropy "cut cross-entropy" kernels and
@@ -14,9 +14,12 @@ computes the logit tiles z = (h @ W^T + b) / T for BLOCK_N tokens and the column
 BLOCK_V columns at a time, each tile accumulated over D in BLOCK_D slices in fp32. It keeps an
 online log-sum-exp (running max m, running sum s = sum exp(z - m)) and, for the entropy, the
 running sum t = sum exp(z - m) * (z - m); the target logit is picked out of the tile that
-contains the label. Per split it stores lse_s = m + log s, the split's own entropy
-H_s = log s - t / s and the target logit; a few [N]-sized torch ops combine the splits
+contains the label. Per split it stores m_s and log s_s (apart: see below), the split's own
+entropy H_s = log s - t / s and the target logit; a few [N]-sized torch ops combine the splits
 (lse = logsumexp_s lse_s, H = sum_s w_s (H_s + lse - lse_s) with w_s = exp(lse_s - lse)).
+The normaliser is kept as the pair (row max m, log sum exp(z - m)) and the log-prob formed as
+(z_label - m) - log s: for a confident token, rounding m + log s to fp32 first would cost
+about |m| * 6e-8 of absolute precision, far more than the eager log_softmax loses.
 Splitting the vocabulary only adds parallelism when there are few token blocks; for large N
 there is one split. Token blocks whose labels are all ``ignore_index`` are skipped.
 
@@ -61,7 +64,7 @@ def _interpreting() -> bool:
 @triton.jit
 def _logprob_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr,
-    lse_part_ptr, ent_part_ptr, tgt_ptr,
+    max_part_ptr, logs_part_ptr, ent_part_ptr, tgt_ptr,
     N, D, V, cols_per_split, n_blocks,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_l,
     inv_temp, ignore_index,
@@ -124,8 +127,10 @@ def _logprob_fwd_kernel(
             m = m_new
             hit = (labels32[:, None] == offs_v[None, :]) & col_ok[None, :]
             tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        lse = m + tl.log(s)
-        tl.store(lse_part_ptr + part_off, lse, mask=row_ok)
+        # m and log s are stored apart (not m + log s): for a confident token the target's
+        # log-prob (z - m) - log s is tiny, and rounding m + log s to fp32 would swamp it.
+        tl.store(max_part_ptr + part_off, m, mask=row_ok)
+        tl.store(logs_part_ptr + part_off, tl.log(s), mask=row_ok)
         if NEED_ENTROPY:  # the entropy of the split's own softmax: log s - E[z - m]
             tl.store(ent_part_ptr + part_off, tl.log(s) - t / s, mask=row_ok)
         # the label column lies in exactly one split: only that split writes the target logit
@@ -133,7 +138,8 @@ def _logprob_fwd_kernel(
         tl.store(tgt_ptr + rows64, tgt, mask=own)
     else:
         zero = tl.zeros((BLOCK_N,), tl.float32)
-        tl.store(lse_part_ptr + part_off, zero, mask=row_ok)
+        tl.store(max_part_ptr + part_off, zero, mask=row_ok)
+        tl.store(logs_part_ptr + part_off, zero, mask=row_ok)
         if NEED_ENTROPY:
             tl.store(ent_part_ptr + part_off, zero, mask=row_ok)
 
@@ -143,9 +149,12 @@ def _fwd_config(dtype: torch.dtype) -> dict:
     # triton 3.9; not timed on a GPU). Interpreter tiles are small so odd test shapes span several tiles.
     if _interpreting():
         return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
+    # BLOCK_D equals the backward's: the backward recomputes the logits and normalises them with
+    # the forward's (max, log-sum); the same D slicing makes the recomputed logits round the same
+    # way (with large logits a mismatch of |z| * 1e-7 would show in the softmax).
     if dtype == torch.float32:
-        return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3}
 
 
 def _bwd_config(dtype: torch.dtype) -> dict:
@@ -196,8 +205,9 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
             (default: chosen from the device's SM count; mainly for tests).
 
     Returns:
-        logp [N] fp32 (0 where labels == ignore_index), lse [N] fp32 (log-sum-exp of the
-        temperature-scaled logits, saved for the backward; unspecified at ignored tokens),
+        logp [N] fp32 (0 where labels == ignore_index), lse [2, N] fp32: the row max m of the
+        temperature-scaled logits and log sum exp(z - m), saved for the backward (their sum is the
+        log-sum-exp; kept apart so confident tokens keep their precision; 0 at ignored token blocks),
         entropy [N] fp32 (0 at ignored tokens) or None.
     """
     _check_common(hidden, weight, labels, bias)
@@ -206,7 +216,7 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     dev = hidden.device
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=dev)
-        return empty, empty.clone(), (empty.clone() if return_entropy else None)
+        return empty, torch.zeros(2, 0, dtype=torch.float32, device=dev), (empty.clone() if return_entropy else None)
     cfg = _fwd_config(hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_blocks = triton.cdiv(n, bn)
@@ -219,15 +229,16 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     cols_per_split = blocks_per_split * bv
     splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
 
-    lse_part = torch.empty((splits, n), dtype=torch.float32, device=dev)
-    ent_part = torch.empty((splits, n), dtype=torch.float32, device=dev) if return_entropy else lse_part
+    max_part = torch.empty((splits, n), dtype=torch.float32, device=dev)
+    logs_part = torch.empty((splits, n), dtype=torch.float32, device=dev)
+    ent_part = torch.empty((splits, n), dtype=torch.float32, device=dev) if return_entropy else max_part
     tgt = torch.zeros(n, dtype=torch.float32, device=dev)
     b_arg = bias if bias is not None else weight
     stride_b = bias.stride(0) if bias is not None else 0
     grid = (n_blocks * splits,)
     _logprob_fwd_kernel[grid](
         hidden, weight, b_arg, labels,
-        lse_part, ent_part, tgt,
+        max_part, logs_part, ent_part, tgt,
         n, d, v, cols_per_split, n_blocks,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_b, labels.stride(0),
         1.0 / float(temperature), int(ignore_index),
@@ -236,19 +247,19 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         **cfg,
     )
     valid = labels != ignore_index
-    if splits == 1:
-        lse = lse_part[0]
-    else:
-        lse = torch.logsumexp(lse_part, dim=0)
-    logp = torch.where(valid, tgt - lse, torch.zeros_like(tgt))
+    row_max = max_part.amax(dim=0)
+    # each split's log-sum-exp relative to the row max: lse_k - m = (m_k - m) + log s_k
+    rel_part = (max_part - row_max) + logs_part
+    log_sum = rel_part[0] if splits == 1 else torch.logsumexp(rel_part, dim=0)
+    logp = torch.where(valid, (tgt - row_max) - log_sum, torch.zeros_like(tgt))
     entropy = None
     if return_entropy:
         if splits == 1:
             ent = ent_part[0]
         else:  # H = sum_k w_k (H_k + lse - lse_k), w_k = exp(lse_k - lse) the mass of split k
-            ent = (torch.exp(lse_part - lse) * (ent_part + (lse - lse_part))).sum(0)
-        entropy = torch.where(valid, ent, torch.zeros_like(lse))
-    return logp, lse, entropy
+            ent = (torch.exp(rel_part - log_sum) * (ent_part + (log_sum - rel_part))).sum(0)
+        entropy = torch.where(valid, ent, torch.zeros_like(log_sum))
+    return logp, torch.stack([row_max, log_sum]), entropy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +297,8 @@ def _logprob_bwd_kernel(
     g = tl.where(valid, g, 0.0)
     n_live = tl.sum((g != 0.0).to(tl.int32), axis=0)
     if n_live > 0:
-        lse = tl.load(lse_ptr + rows64 * stride_lse, mask=valid, other=0.0)
+        row_max = tl.load(lse_ptr + rows64 * stride_lse, mask=valid, other=0.0)
+        log_sum = tl.load(lse_ptr + N * stride_lse + rows64 * stride_lse, mask=valid, other=0.0)
         offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = offs_v < V
         cols64 = offs_v.to(tl.int64)
@@ -310,7 +322,7 @@ def _logprob_bwd_kernel(
             b = tl.load(b_ptr + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)
             acc = acc + b[None, :]
         z = acc * inv_temp
-        p = tl.exp(z - lse[:, None])
+        p = tl.exp((z - row_max[:, None]) - log_sum[:, None])
         labels32 = tl.where(valid, labels, -1).to(tl.int32)  # in [0, V) or -1
         onehot = (labels32[:, None] == offs_v[None, :]).to(tl.float32)
         # d logp / d raw_logit = (onehot - softmax) / T; g folded in before any sum over tokens
@@ -353,7 +365,7 @@ def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
     Args:
         hidden [N, D], weight [V, D], labels [N], bias [V] | None: as in :func:`triton_logprob_forward`.
-        lse: [N] fp32, the forward's log-sum-exp. grad_logp: [N] float, dLoss/dlogp per token
+        lse: [2, N] fp32, the forward's normaliser (row max, log-sum). grad_logp: [N] float, dLoss/dlogp per token
             (ignored tokens contribute nothing whatever their grad_logp).
         need_hidden / need_weight / need_bias: which gradients to compute.
 
@@ -371,10 +383,10 @@ def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     dw = torch.zeros((v, d), dtype=f32, device=dev) if need_weight else None
     db = torch.zeros((v,), dtype=f32, device=dev) if need_bias else None
     if n > 0 and (need_hidden or need_weight or need_bias):
-        if lse.shape != (n,) or grad_logp.shape != (n,):
-            raise ValueError(f"lse and grad_logp must be [N] = [{n}]; got {list(lse.shape)}, "
+        if lse.shape != (2, n) or grad_logp.shape != (n,):
+            raise ValueError(f"lse must be [2, N] and grad_logp [N] with N = {n}; got {list(lse.shape)}, "
                              f"{list(grad_logp.shape)}")
-        lse = lse.to(f32)
+        lse = lse.to(f32).contiguous()
         cfg = _bwd_config(hidden.dtype)
         n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
         v_blocks = triton.cdiv(v, cfg["BLOCK_V"])
@@ -385,7 +397,7 @@ def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
             dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
             n, d, v, n_blocks, v_blocks,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0, labels.stride(0), lse.stride(0), grad_logp.stride(0),
+            bias.stride(0) if bias is not None else 0, labels.stride(0), lse.stride(1), grad_logp.stride(0),
             1.0 / float(temperature), int(ignore_index),
             HAS_BIAS=bias is not None, NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=need_bias,
             DOT_FP32=_interpreting(), PRECISION=_dot_precision(hidden.dtype),

@@ -18,7 +18,7 @@ from grao_kernels._chunked import chunked_linear_logprob
 
 
 def _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, return_entropy):
-    """-> (logp [N] fp32, lse [N], entropy [N] | None)."""
+    """-> (logp [N] fp32, lse [2, N] (row max, log-sum; see _chunked), entropy [N] | None)."""
     if backend == "triton":
         from grao_kernels._triton_linear import triton_logprob_forward
         return triton_logprob_forward(hidden, weight, labels, bias, temperature=temperature,
@@ -37,8 +37,8 @@ def _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature
                                        ignore_index=ignore_index, need_hidden=need_hidden,
                                        need_weight=need_weight, need_bias=need_bias and bias is not None)
     out = chunked_linear_logprob(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
-                                 grad_logp=grad_logp, lse=lse, need_hidden=need_hidden, need_weight=need_weight,
-                                 need_bias=need_bias)
+                                 grad_logp=grad_logp, backward_only=True, need_hidden=need_hidden,
+                                 need_weight=need_weight, need_bias=need_bias)  # recomputes its own lse
     return out.grad_hidden, out.grad_weight, out.grad_bias
 
 
@@ -56,7 +56,7 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 def linear_logprob_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool,
                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp [N], lse [N], entropy [N] | [0])."""
+    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp [N], lse [2, N], entropy [N] | [0])."""
     logp, lse, entropy = _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, return_entropy)
     return logp, lse, _empty(logp) if entropy is None else entropy
 
@@ -64,7 +64,7 @@ def linear_logprob_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: 
 @linear_logprob_forward_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, backend):
     n, acc = hidden.shape[0], _acc_dtype(hidden.dtype)
-    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty((2, n), dtype=acc),
             hidden.new_empty(n if return_entropy else 0, dtype=acc))
 
 

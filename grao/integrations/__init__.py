@@ -1,0 +1,1 @@
+"""Adapters that run GRAO inside other training frameworks (optional dependencies, imported on demand)."""

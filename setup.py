@@ -20,7 +20,11 @@ setup(
     ],
     extras_require={
         "bench": ["pytest-benchmark", "matplotlib"],
-        "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib"],
+        # Peers the benchmarks compare against (both need only torch and triton).
+        "peers": ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
+        # The adapter overrides private GRPOTrainer methods: versions tested 1.0 to 1.16.
+        "trl": ["trl>=1.0,<1.17"],
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib", "accelerate>=1.1"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["grao = grao.cli:main"]},

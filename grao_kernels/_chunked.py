@@ -16,15 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-#: fp32 logits budget per chunk; at most two [rows x V] buffers live at once (the logits,
-#: turned into probabilities and gradients in place, and the entropy's log-softmax). 64 MiB keeps the CPU path's extra memory near 2 % of the eager
-#: path's at the benchmark shape (N=4096, V=32000) while each chunk is a large matmul.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: fp32 logits budget per chunk: one [rows x V] buffer holds the logits and is turned into
+#: probabilities and then gradients in place (return_entropy adds a second, transient one).
+#: 48 MiB gives ~390-token chunks at V = 32000: large enough that the matmuls run near full
+#: speed (smaller chunks re-read the weight more often), small next to eager's [N x V] logits
+#: (measured at N=4096, D=512, V=32000 fp32: 64 MiB -> 154 MiB peak extra, 48 -> 151, and
+#: 32 MiB was no better, 182, through malloc's handling of allocations near its mmap threshold).
+DEFAULT_CHUNK_BYTES = 48 * 2**20
 
 
 def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Tokens per chunk so that two fp32 [rows x vocab] buffers fit in ``chunk_bytes``."""
-    return max(1, int(chunk_bytes) // (2 * 4 * max(1, vocab)))
+    """Tokens per chunk so that one fp32 [rows x vocab] buffer fits in ``chunk_bytes``."""
+    return max(1, int(chunk_bytes) // (4 * max(1, vocab)))
 
 
 @dataclass
@@ -77,14 +80,19 @@ def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     g_bias = torch.zeros(vocab, dtype=acc, device=device) if want_grads and need_bias and bias is not None else None
     weight_t = weight.t()
     bias_acc = bias.to(acc) if bias is not None else None
-    step = chunk_rows(vocab, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    step = min(chunk_rows(vocab, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes), active.numel())
+    # One logits buffer for all chunks (the matmul writes into it): no allocator churn, and never
+    # two chunks' logits alive at once.
+    logits_buf = torch.empty(step, vocab, dtype=acc, device=device) if dtype == acc else None
     for start in range(0, active.numel(), step):
         rows = active[start:start + step]
         h = hidden.index_select(0, rows)
         target = labels.index_select(0, rows).long()
-        z = torch.mm(h, weight_t)
-        if z.dtype != acc:
-            z = z.to(acc)
+        if logits_buf is not None:
+            z = torch.mm(h, weight_t, out=logits_buf[:rows.numel()])
+        else:  # bf16/fp16: the matmul in the inputs' dtype, then upcast, as the eager path does
+            z = probs = dz = None
+            z = torch.mm(h, weight_t).to(acc)
         if bias_acc is not None:
             z += bias_acc
         if temperature != 1.0:

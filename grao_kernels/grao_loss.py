@@ -124,16 +124,32 @@ def _(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats,
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[5:])
     ctx.mark_non_differentiable(*output[1:])
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*output[5:])
+        ctx.grads = None
+    else:
+        # Eager: hold the gradients on ctx (not save_for_backward) so backward can scale them in
+        # place and hand over the only reference; autograd then adopts them as .grad without a
+        # copy. Either a product or that copy would hold a second [V, D] fp32 dweight at the peak.
+        ctx.grads = list(output[5:])
 
 
 def _autograd_backward(ctx, grad_loss, *_unused):
-    grads = []
-    for g in ctx.saved_tensors:
-        grads.append(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype))
-    dh, dw, db = grads
-    return (dh, dw, db) + (None,) * 12
+    if ctx.grads is None:  # traced by torch.compile: functional
+        return tuple(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype)
+                     for g in ctx.saved_tensors) + (None,) * 12
+    if not ctx.grads:
+        raise RuntimeError("fused_linear_grao_loss: backward through the same loss twice is not supported "
+                           "(its gradients are computed in the forward and handed over once); "
+                           "call the loss again for a second backward")
+    grads, ctx.grads = ctx.grads, []
+    out = []
+    while grads:
+        g = grads.pop(0)
+        out.append(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype)))
+        del g
+    return tuple(out) + (None,) * 12
 
 
 fused_linear_grao_op.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -222,5 +222,5 @@ def test_fused_validation_matches_eager(bad):
 
 
 def test_chunk_rows_from_budget():
-    assert chunked.chunk_rows(32000, 64 * 2**20) == 262
+    assert chunked.chunk_rows(32000, 48 * 2**20) == 393
     assert chunked.chunk_rows(10**9, 1) == 1

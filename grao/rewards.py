@@ -1,0 +1,236 @@
+"""Reward functions R(o, y): a completion o scored against the reference answer y.
+
+A reward is any callable ``fn(prompts, completions, references, **columns) -> list[float]``
+with one float per completion. It is called with keyword arguments only, in the style of
+TRL reward functions (trl/trainer/grpo_trainer.py passes ``prompts``, ``completions`` and the
+dataset columns as keywords): ``references`` also arrives as ``solution``, and every other
+dataset column arrives under its own name. So a TRL reward function
+``def f(completions, solution, **kwargs)`` works unchanged.
+
+The trainer calls a reward once per step on P * (G + 1) completions: the G samples of each
+prompt, then the reference itself (to get R(y, y), spec "Data per prompt").
+
+Built in: :func:`exact_match`, :func:`token_f1` / :func:`char_f1`, :class:`RewardModelReward`
+(a sequence-classification reward model: ``score(o) - score(y)`` or its sign) and
+:class:`PairwiseJudgeReward` (+1 / 0 / -1 against the reference, as the paper's judge).
+:class:`WeightedReward` combines several with weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+RewardFn = Callable[..., list]
+
+
+class RewardError(ValueError):
+    """A reward function returned the wrong number of values or a non-finite value."""
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).strip().split())
+
+
+def exact_match(prompts=None, completions=(), references=(), **_) -> list[float]:
+    """1.0 where the completion equals the reference after whitespace normalisation, else 0.0."""
+    return [float(_norm(c) == _norm(r)) for c, r in zip(completions, references, strict=True)]
+
+
+def _f1(pred: Sequence[str], gold: Sequence[str]) -> float:
+    if not pred and not gold:
+        return 1.0
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def token_f1(prompts=None, completions=(), references=(), **_) -> list[float]:
+    """Bag-of-tokens F1 (SQuAD style) between completion and reference; tokens are lower-cased words
+    and punctuation marks. In [0, 1]; 1 for identical token multisets."""
+    return [_f1(_WORD.findall(str(c).lower()), _WORD.findall(str(r).lower()))
+            for c, r in zip(completions, references, strict=True)]
+
+
+def char_f1(prompts=None, completions=(), references=(), **_) -> list[float]:
+    """Bag-of-characters F1 (whitespace ignored): a dense partial-credit reward for short answers."""
+    return [_f1([ch for ch in str(c) if not ch.isspace()], [ch for ch in str(r) if not ch.isspace()])
+            for c, r in zip(completions, references, strict=True)]
+
+
+class RewardModelReward:
+    """Wrap a Hugging Face sequence-classification reward model as R(o, y).
+
+    R(o, y) = score(prompt + o) - score(prompt + y) (``mode="diff"``) or its sign in {-1, 0, +1}
+    (``mode="sign"``, the paper's judgment form); either way R(y, y) = 0. ``score`` is the logit of
+    ``label_index`` (the single output of a ``num_labels=1`` reward head by default).
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` (or a path / hub id to load one).
+        tokenizer: its tokenizer (loaded from ``model`` when it is a path and this is None).
+        mode: "diff" or "sign". batch_size: texts scored per forward. max_length: truncation.
+    """
+
+    def __init__(self, model, tokenizer=None, *, mode: str = "diff", batch_size: int = 16, max_length: int = 1024,
+                 label_index: int = 0, device=None):
+        if mode not in ("diff", "sign"):
+            raise RewardError(f"mode must be 'diff' or 'sign', got {mode!r}")
+        if isinstance(model, str):
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForSequenceClassification.from_pretrained(model)
+        if tokenizer is None:
+            raise RewardError("RewardModelReward needs the reward model's tokenizer")
+        self.model, self.tokenizer, self.mode = model.eval(), tokenizer, mode
+        self.batch_size, self.max_length, self.label_index = int(batch_size), int(max_length), int(label_index)
+        self.device = device if device is not None else next(model.parameters()).device
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.__name__ = "reward_model"
+
+    @torch.no_grad()
+    def score(self, texts: list[str]) -> list[float]:
+        """Reward-model score of each full text (prompt + answer)."""
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length).to(self.device)
+            logits = self.model(**enc).logits.float()
+            out.extend(logits[:, self.label_index].tolist())
+        return out
+
+    def __call__(self, prompts=None, completions=(), references=(), **_) -> list[float]:
+        prompts = [""] * len(completions) if prompts is None else [p if isinstance(p, str) else str(p) for p in prompts]
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        refs = [p + r for p, r in zip(prompts, references, strict=True)]
+        # score each distinct text once (the reference of a group repeats G + 1 times)
+        unique = list(dict.fromkeys(texts + refs))
+        scores = dict(zip(unique, self.score(unique)))
+        diff = [scores[t] - scores[r] for t, r in zip(texts, refs)]
+        if self.mode == "sign":
+            return [float((d > 0) - (d < 0)) for d in diff]
+        return diff
+
+
+class PairwiseJudgeReward:
+    """A pairwise judge as R(o, y) in {+1, 0, -1}: o better than / tied with / worse than y (the paper's form).
+
+    ``judge`` is either a callable ``judge(prompts, pairs) -> list[int]`` or an object with such a
+    ``.judge`` method (TRL's ``BasePairwiseJudge`` interface: ``pairs[i] = [o, y]`` and the answer is
+    the index of the preferred completion, 0 -> +1, 1 -> -1, anything else such as TRL's -1 for a
+    failed judgment -> 0). Identical o and y are a tie without asking the judge, so R(y, y) = 0.
+    With ``symmetric=True`` each pair is judged in both orders and the two verdicts are averaged,
+    which cancels a judge's position bias.
+    """
+
+    def __init__(self, judge, *, symmetric: bool = False):
+        self.judge = judge.judge if hasattr(judge, "judge") else judge
+        if not callable(self.judge):
+            raise RewardError("judge must be callable or have a .judge(prompts, pairs) method")
+        self.symmetric = symmetric
+        self.__name__ = "pairwise_judge"
+
+    def _ask(self, prompts, pairs) -> list[float]:
+        verdicts = list(self.judge(prompts, pairs))
+        if len(verdicts) != len(pairs):
+            raise RewardError(f"the judge returned {len(verdicts)} verdicts for {len(pairs)} pairs")
+        return [1.0 if v == 0 else -1.0 if v == 1 else 0.0 for v in verdicts]
+
+    def __call__(self, prompts=None, completions=(), references=(), **_) -> list[float]:
+        prompts = [""] * len(completions) if prompts is None else list(prompts)
+        out = [0.0] * len(completions)
+        todo = [i for i, (c, r) in enumerate(zip(completions, references, strict=True)) if c != r]
+        if todo:
+            ps = [prompts[i] for i in todo]
+            forward = self._ask(ps, [[completions[i], references[i]] for i in todo])
+            if self.symmetric:
+                backward = self._ask(ps, [[references[i], completions[i]] for i in todo])
+                forward = [(f - b) / 2 for f, b in zip(forward, backward)]
+            for i, v in zip(todo, forward):
+                out[i] = v
+        return out
+
+
+class WeightedReward:
+    """sum_k w_k * R_k(o, y) over several reward functions (each called with the same keywords)."""
+
+    def __init__(self, rewards: Sequence[tuple[RewardFn, float]]):
+        if not rewards:
+            raise RewardError("WeightedReward needs at least one (reward, weight) pair")
+        self.rewards = [(fn, float(w)) for fn, w in rewards]
+        self.__name__ = "+".join(f"{w:g}*{reward_name(fn)}" for fn, w in self.rewards)
+
+    def __call__(self, **kwargs) -> list[float]:
+        kwargs.pop("solution", None)
+        total = None
+        for fn, w in self.rewards:
+            vals = call_reward(fn, **kwargs)
+            total = [w * v for v in vals] if total is None else [t + w * v for t, v in zip(total, vals)]
+        return total
+
+
+def reward_name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def call_reward(fn: RewardFn, *, prompts: list, completions: list[str], references: list[str],
+                **columns: Any) -> list[float]:
+    """Call a reward with TRL-compatible keywords and check it returns len(completions) finite floats."""
+    columns.pop("solution", None)  # always the references (a WeightedReward passes its keywords on)
+    values = fn(prompts=prompts, completions=completions, references=references, solution=references, **columns)
+    values = [float(v) for v in values]
+    if len(values) != len(completions):
+        raise RewardError(f"reward {reward_name(fn)!r} returned {len(values)} values for {len(completions)} completions")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise RewardError(f"reward {reward_name(fn)!r} returned a non-finite value {bad[0]}")
+    return values
+
+
+BUILTIN = {"exact_match": exact_match, "token_f1": token_f1, "char_f1": char_f1}
+
+
+def resolve_reward(spec: Any) -> RewardFn:
+    """A reward from a spec: a callable; a built-in name (exact_match, token_f1, char_f1);
+    ``reward_model:<path or hub id>`` (optionally ``reward_model_sign:...``); ``module:function``;
+    or a list of ``{"name": spec, "weight": w}`` / ``"spec*w"`` items combined with weights."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, (list, tuple)):
+        items = []
+        for item in spec:
+            if isinstance(item, dict):
+                items.append((resolve_reward(item["name"]), float(item.get("weight", 1.0))))
+            elif isinstance(item, str) and "*" in item:
+                name, w = item.rsplit("*", 1)
+                items.append((resolve_reward(name), float(w)))
+            else:
+                items.append((resolve_reward(item), 1.0))
+        return items[0][0] if len(items) == 1 and items[0][1] == 1.0 else WeightedReward(items)
+    if not isinstance(spec, str):
+        raise RewardError(f"cannot build a reward from {spec!r}")
+    if "," in spec:
+        return resolve_reward([s.strip() for s in spec.split(",") if s.strip()])
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    for prefix, mode in (("reward_model_sign:", "sign"), ("reward_model:", "diff")):
+        if spec.startswith(prefix):
+            return RewardModelReward(spec[len(prefix):], mode=mode)
+    if ":" in spec:
+        module, attr = spec.split(":", 1)
+        return getattr(importlib.import_module(module), attr)
+    raise RewardError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN)}, 'reward_model:<path>', "
+                      f"'module:function', or a comma-separated list with optional '*weight'")

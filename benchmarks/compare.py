@@ -1,0 +1,554 @@
+"""Compare the GRAO loss implementations: forward + backward time and peak memory over sweeps.
+
+    python -m benchmarks.compare --device cpu                 # small CPU sweep, a few minutes on 2 cores
+    python -m benchmarks.compare --device cuda --sweep full   # the GPU sweep
+    python -m benchmarks.compare --device cpu --only headline --impls eager,fused
+
+Prints the table and writes ``results.json``, ``results.csv``, ``results.md`` and the plots
+``sweep_G.png`` / ``sweep_T.png`` to ``--out`` (default ``benchmarks/results/<device>/``), with the
+device, CPU model, torch / triton / peer versions, the date and the exact command.
+
+How it measures (details in benchmarks/README.md):
+- time: median of ``--repeats`` forward + backward runs after ``--warmup`` runs (CPU perf_counter,
+  CUDA events), gradients freshly allocated each run;
+- memory: peak above what is held once the inputs exist, gradients included. On CPU every
+  (implementation, point) runs in its own process (``benchmarks._worker``) and the peak RSS is read;
+  on CUDA ``torch.cuda.max_memory_allocated``;
+- ratios to eager are taken within the same run; OOM, timeouts and errors stay in the table;
+- the largest N under a memory budget is fitted (total memory = a + b N) over the T sweep and then
+  checked by a real run under the budget when that run is predicted to be short enough; otherwise it
+  is reported as extrapolated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from benchmarks.common import (
+    IMPLEMENTATIONS,
+    MIB,
+    Point,
+    environment,
+    fmt_bytes,
+    measure,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (D, V) of real model configs (config.json: hidden_size, vocab_size).
+MODELS = {
+    "Qwen2.5-0.5B": (896, 151936),
+    "Llama-3.2-1B": (2048, 128256),
+    "Qwen2.5-7B": (3584, 152064),
+    "Qwen3-8B": (4096, 151936),
+    "Llama-3.1-8B": (4096, 128256),
+}
+
+
+def sweep_points(device: str, sweep: str) -> list[Point]:
+    """The points of a sweep. ``small`` is the CPU default (N scaled down to a few thousand tokens so
+    that it runs in minutes on 2 cores); ``full`` is the GPU sweep with the issue's ranges; ``tiny``
+    is a seconds-long smoke run."""
+    pts: list[Point] = []
+    if sweep == "tiny":
+        pts.append(Point("headline", 1, 7, 32, 64, 1000))
+        pts += [Point("G", 1, g, 16, 64, 1000) for g in (2, 4, 8)]
+        pts += [Point("T", 1, 3, t, 64, 1000) for t in (16, 32, 64)]
+        pts += [Point("V", 1, 7, 16, 64, v) for v in (1000, 3000)]
+        pts += [Point("D", 1, 7, 16, d, 1000) for d in (32, 96)]
+        pts.append(Point("dtype", 1, 7, 16, 64, 1000, "bf16"))
+        return pts
+    if sweep == "small":
+        # The issue's CPU headline: fp32, N = 4096, D = 512, V = 32000.
+        pts.append(Point("headline", 1, 7, 512, 512, 32000))
+        # Sweeps scaled down from the GPU ranges (N of a few hundred to 4096 tokens).
+        pts += [Point("G", 1, g, 32, 512, 32000) for g in (2, 4, 8, 16, 32, 64)]
+        pts += [Point("T", 1, 3, t, 512, 32000) for t in (128, 256, 512, 1024)]
+        pts += [Point("V", 1, 7, 64, 512, v) for v in (32000, 128256, 151936)]
+        pts += [Point("D", 1, 7, 32, d, 32000) for d in (896, 2048, 3584, 4096)]
+        pts += [Point("dtype", 1, 7, 64, 512, 32000, dt) for dt in ("fp32", "bf16")]
+        return pts
+    if sweep == "full":
+        d, v = MODELS["Qwen3-8B"]
+        # The issue's GPU headline: bf16, N = 16384, D = 4096, V = 151936.
+        pts.append(Point("headline", 1, 7, 2048, d, v, "bf16", "Qwen3-8B"))
+        pts += [Point("G", 1, g, 1024, d, v, "bf16", "Qwen3-8B") for g in (2, 4, 8, 16, 32, 64)]
+        pts += [Point("T", 1, 7, t, d, v, "bf16", "Qwen3-8B") for t in (256, 1024, 2048, 4096, 8192, 16384, 32768)]
+        pts += [Point("V", 1, 7, 1024, d, vv, "bf16") for vv in (32000, 128256, 151936)]
+        pts += [Point("D", 1, 7, 1024, dd, vv, "bf16", name) for name, (dd, vv) in MODELS.items()]
+        pts += [Point("dtype", 1, 7, 512, d, v, dt, "Qwen3-8B") for dt in ("fp32", "bf16")]
+        return pts
+    raise ValueError(f"unknown sweep {sweep!r}; expected tiny, small or full")
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def run_cpu_worker(impl: str, p: Point, *, warmup: int, repeats: int, timeout: float,
+                   budget_bytes: int | None = None) -> dict:
+    """One measurement in a fresh Python process (so peak RSS belongs to that implementation alone)."""
+    spec = dict(p.to_dict(), impl=impl, device="cpu", warmup=warmup, repeats=repeats, budget_bytes=budget_bytes)
+    cmd = [sys.executable, "-m", "benchmarks._worker", json.dumps(spec)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    base = {"impl": impl, "time_ms": None, "times_ms": [], "peak_extra_bytes": None, "peak_total_bytes": None,
+            "inputs_bytes": p.input_bytes(), "grad_bytes": p.grad_bytes()}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return dict(base, status="timeout", reason=f"no result within {timeout:.0f} s")
+    wall = time.perf_counter() - t0
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+            res["process_wall_s"] = wall
+            return res
+    if proc.returncode in (-9, 137):  # killed, most likely by the kernel's OOM killer
+        return dict(base, status="OOM", reason="worker killed (SIGKILL; out of memory?)")
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(base, status="error", reason=f"worker exit {proc.returncode}: {' | '.join(tail)[:300]}")
+
+
+def run_one(device: str, impl: str, p: Point, *, warmup: int, repeats: int, timeout: float,
+            budget_bytes: int | None = None) -> dict:
+    if device == "cpu":
+        res = run_cpu_worker(impl, p, warmup=warmup, repeats=repeats, timeout=timeout, budget_bytes=budget_bytes)
+    else:
+        res = measure(impl, p, device, warmup=warmup, repeats=repeats)
+    res["point"] = p.to_dict()
+    return res
+
+
+def add_ratios(results: list[dict]) -> None:
+    """time_vs_eager and mem_vs_eager: each implementation over eager at the same point, same run."""
+    eager = {json.dumps(r["point"], sort_keys=True): r for r in results if r["impl"] == "eager" and r["status"] == "ok"}
+    for r in results:
+        e = eager.get(json.dumps(r["point"], sort_keys=True))
+        ok = e is not None and r["status"] == "ok"
+        r["time_vs_eager"] = r["time_ms"] / e["time_ms"] if ok and e["time_ms"] else None
+        r["mem_vs_eager"] = (r["peak_extra_bytes"] / e["peak_extra_bytes"]
+                             if ok and e["peak_extra_bytes"] else None)
+
+
+# ------------------------------------------------------------------------------------- memory budget
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares line y = a + b x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+    return my - b * mx, b
+
+
+def total_bytes(r: dict) -> int:
+    """Inputs plus the peak above them: what the step needs in all (CUDA: max_memory_allocated)."""
+    return r["peak_total_bytes"] if r.get("peak_total_bytes") else r["inputs_bytes"] + r["peak_extra_bytes"]
+
+
+def largest_n(device: str, results: list[dict], impls: list[str], budget_bytes: int, *, verify_limit_s: float,
+              timeout: float, log=print) -> list[dict]:
+    """Largest N = P (G + 1) T each implementation runs within ``budget_bytes`` (inputs included).
+
+    Over the T sweep (fixed P, G, D, V, dtype) total memory is fitted as a + b N; N_max = (budget - a) / b,
+    rounded down to a multiple of 64 T. If the fitted time at N_max is under ``verify_limit_s`` a real run
+    checks it (CPU: in a worker whose address space is limited to its size before the inputs plus the
+    budget; CUDA: the card itself), stepping down 10% at a time on OOM. Otherwise the figure is marked
+    "extrapolated".
+    """
+    out = []
+    for impl in impls:
+        rows = [r for r in results if r["impl"] == impl and r["point"]["sweep"] == "T"]
+        ok = [r for r in rows if r["status"] == "ok"]
+        entry = {"impl": impl, "budget_bytes": budget_bytes, "n_max": None, "method": "", "bytes_per_token": None,
+                 "fixed_bytes": None}
+        if len(ok) < 2:
+            entry["method"] = "not enough T-sweep points ran (" + ", ".join(
+                sorted({r["status"] for r in rows})) + ")"
+            out.append(entry)
+            continue
+        ns = [r["point"]["N"] for r in ok]
+        a, b = _fit(ns, [total_bytes(r) for r in ok])
+        ta, tb = _fit(ns, [r["time_ms"] for r in ok])
+        entry.update(bytes_per_token=b, fixed_bytes=a, fit_points=ns)
+        base = ok[0]["point"]
+        rows_per_t = base["B"]
+        if b <= 0:
+            entry["method"] = "memory does not grow with N in the T sweep; no bound found"
+            out.append(entry)
+            continue
+        n_pred = (budget_bytes - a) / b
+        t_max = int(n_pred // rows_per_t // 64 * 64)
+        entry["n_predicted"] = int(n_pred)
+        if t_max < 64:
+            entry["method"] = "fit says the budget is exceeded below T = 64"
+            out.append(entry)
+            continue
+        # time of the largest T-sweep run scaled by N (work is linear in N), or the fit if larger
+        last = max(ok, key=lambda r: r["point"]["N"])
+        pred_s = max(ta + tb * rows_per_t * t_max, last["time_ms"] * rows_per_t * t_max / last["point"]["N"]) / 1e3
+        if pred_s > verify_limit_s:
+            entry.update(n_max=rows_per_t * t_max, method=f"extrapolated: fit over N={ns} "
+                         f"(a verifying run would take ~{pred_s:.0f} s > {verify_limit_s:.0f} s)")
+            out.append(entry)
+            continue
+        tried = []
+        for _ in range(4):
+            p = Point("budget", base["P"], base["G"], t_max, base["D"], base["V"], base["dtype"], base["model"])
+            log(f"  budget check: {impl} at {p.label()} (predicted {pred_s:.0f} s)")
+            res = run_one(device, impl, p, warmup=0, repeats=1, timeout=timeout,
+                          budget_bytes=budget_bytes if device == "cpu" else None)
+            tried.append({"N": p.N, "status": res["status"], "peak_total_bytes": res.get("peak_total_bytes")})
+            if res["status"] == "ok" and (device == "cpu" or total_bytes(res) <= budget_bytes):
+                entry.update(n_max=p.N, method=f"verified: ran at N={p.N} within the budget "
+                             f"(fit over N={ns} predicted {int(n_pred)})")
+                break
+            t_max = int(t_max * 0.9 // 64 * 64)
+            if t_max < 64:
+                break
+        else:
+            entry["method"] = "no verifying run fitted the budget"
+        if entry["n_max"] is None and not entry["method"]:
+            entry["method"] = "no verifying run fitted the budget"
+        entry["verify_runs"] = tried
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- output
+
+def _status_cell(r: dict) -> str:
+    return "ok" if r["status"] == "ok" else r["status"]
+
+
+def _ms(x):
+    return "-" if x is None else (f"{x:.1f}" if x < 100 else f"{x:.0f}")
+
+
+def _ratio(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def print_row(r: dict) -> None:
+    if r["status"] == "skipped":
+        print(f"  {r['impl']:<11} skipped: {r['reason']}")
+        return
+    extra = "" if r["status"] == "ok" else f"  {r['status']}: {r.get('reason', '')}"
+    print(f"  {r['impl']:<11} {_ms(r['time_ms']):>9} ms  {_ratio(r.get('time_vs_eager')):>7}  "
+          f"{fmt_bytes(r['peak_extra_bytes']):>10}  {_ratio(r.get('mem_vs_eager')):>7}  "
+          f"(floor: grads {fmt_bytes(r['grad_bytes'])}){extra}")
+
+
+def markdown(env: dict, results: list[dict], budget: list[dict], impls: list[str]) -> str:
+    lines = [f"# GRAO loss benchmark: {env['device']} ({env['device_name']})", "",
+             f"- date: {env['date']}", f"- command: `{env['command']}`",
+             (f"- machine: {env['device_name']}, {env['cpu_cores']} CPU cores ({env['cpu_model']}), "
+             f"torch {env['torch']} ({env['torch_threads']} threads), triton {env['triton']}, Python {env['python']}"),
+             "- peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items()),
+             f"- grao-kernels commit: {env.get('grao_kernels_commit')}", "",
+             ("Forward + backward of the loss from hidden states and lm_head weight. Time: median after warm-up. "
+             "Peak extra: peak memory above the inputs, gradients included (floor = size of dhidden + dweight). "
+             "Ratios are to eager at the same point in the same run."), ""]
+    skipped = {}
+    for r in results:
+        if r["status"] == "skipped":
+            skipped.setdefault(r["impl"], r["reason"])
+    for impl, why in skipped.items():
+        lines.append(f"- **{impl} skipped**: {why}")
+    if skipped:
+        lines.append("")
+    computes = {name: IMPLEMENTATIONS[name].computes for name in impls}
+    sweeps = []
+    for r in results:
+        if r["point"]["sweep"] not in sweeps:
+            sweeps.append(r["point"]["sweep"])
+    titles = {"headline": "Headline point", "G": "Group size G (fixed T)", "T": "Completion length T (fixed G)",
+              "V": "Vocabulary V", "D": "Hidden size D", "dtype": "dtype"}
+    for sw in sweeps:
+        lines += [f"## {titles.get(sw, sw)}", "",
+                  "| shape | impl | computes | time (ms) | time / eager | peak extra | memory / eager | floor (grads) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in results:
+            p = r["point"]
+            if p["sweep"] != sw or r["status"] == "skipped":
+                continue
+            shape = f"P={p['P']} G={p['G']} T={p['T']} N={p['N']} D={p['D']} V={p['V']} {p['dtype']}"
+            if p.get("model"):
+                shape += f" ({p['model']})"
+            time_cell = _ms(r["time_ms"]) if r["status"] == "ok" else f"**{r['status']}**"
+            lines.append(f"| {shape} | {r['impl']} | {computes.get(r['impl'], '')} | {time_cell} | "
+                         f"{_ratio(r.get('time_vs_eager'))} | {fmt_bytes(r['peak_extra_bytes'])} | "
+                         f"{_ratio(r.get('mem_vs_eager'))} | {fmt_bytes(r['grad_bytes'])} |")
+        lines.append("")
+    if budget:
+        lines += [f"## Largest N within {fmt_bytes(budget[0]['budget_bytes'])} (inputs included)", "",
+                  "| impl | largest N | bytes / token | fixed | how |", "|---|---:|---:|---:|---|"]
+        for b in budget:
+            per_token = "-" if b["bytes_per_token"] is None else f"{b['bytes_per_token'] / 1024:.1f} KiB"
+            n_max = "-" if b["n_max"] is None else str(b["n_max"])
+            lines.append(f"| {b['impl']} | {n_max} | {per_token} | {fmt_bytes(b['fixed_bytes'])} | {b['method']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary(env: dict, results: list[dict], budget: list[dict], impls: list[str], out_rel: str) -> str:
+    """README-ready: the headline table, peak extra memory against G and T, the budget, one plot."""
+    heads = [r for r in results if r["point"]["sweep"] == "headline"]
+    lines = [(f"Measured {env['date']} on {env['device_name']} ({env['cpu_cores']} cores), torch {env['torch']}, "
+             f"triton {env['triton']}; command `{env['command']}`."), ""]
+    if heads:
+        p = heads[0]["point"]
+        lines += [(f"Forward + backward, {p['dtype']}, N = {p['N']} (P={p['P']}, G={p['G']}, T={p['T']}), "
+                  f"D = {p['D']}, V = {p['V']}:"), "",
+                  "| implementation | computes | time | vs eager | peak memory above inputs | vs eager |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in heads:
+            name = f"{r['impl']} ({IMPLEMENTATIONS[r['impl']].note.split(':')[0]})"
+            if r["status"] == "skipped":
+                lines.append(f"| {name} | {IMPLEMENTATIONS[r['impl']].computes} | skipped (below) | | | |")
+                continue
+            t = _ms(r["time_ms"]) + " ms" if r["status"] == "ok" else f"**{r['status']}**"
+            lines.append(f"| {name} | {IMPLEMENTATIONS[r['impl']].computes} | {t} | {_ratio(r.get('time_vs_eager'))} "
+                         f"| {fmt_bytes(r['peak_extra_bytes'])} | {_ratio(r.get('mem_vs_eager'))} |")
+        lines += ["", f"The floor for any implementation (dhidden + dweight) is {fmt_bytes(heads[0]['grad_bytes'])}."]
+        lines += [f"- {r['impl']} skipped: {r['reason']}." for r in heads if r["status"] == "skipped"]
+        lines.append("")
+    for sw in ("G", "T"):
+        rows = [r for r in results if r["point"]["sweep"] == sw and r["status"] != "skipped"]
+        if not rows:
+            continue
+        xs = sorted({r["point"][sw] for r in rows})
+        p = rows[0]["point"]
+        other = "T" if sw == "G" else "G"
+        lines += [(f"Peak memory above inputs against {sw} ({other}={p[other]}, D={p['D']}, V={p['V']}, {p['dtype']}; "
+                  f"time in brackets):"), "",
+                  "| impl | " + " | ".join(f"{sw}={x} (N={next(r['point']['N'] for r in rows if r['point'][sw] == x)})"
+                                            for x in xs) + " |",
+                  "|---|" + "---:|" * len(xs)]
+        for impl in impls:
+            cells = []
+            for x in xs:
+                r = next((r for r in rows if r["impl"] == impl and r["point"][sw] == x), None)
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append(f"**{r['status']}**")
+                else:
+                    cells.append(f"{fmt_bytes(r['peak_extra_bytes'])} ({_ms(r['time_ms'])} ms)")
+            if any(cells):
+                lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if budget:
+        lines += [f"Largest N within {fmt_bytes(budget[0]['budget_bytes'])} (inputs included): " + "; ".join(
+            f"{b['impl']} {b['n_max'] if b['n_max'] is not None else '-'} "
+            f"({b['method'].split(':')[0]})" for b in budget) + ".", ""]
+    lines += [f"![time and memory against T]({out_rel}/sweep_T.png)", ""]
+    return "\n".join(lines)
+
+
+def write_csv(path: str, results: list[dict]) -> None:
+    cols = ["sweep", "model", "P", "G", "T", "N", "D", "V", "dtype", "impl", "computes", "status", "time_ms",
+            "time_vs_eager", "peak_extra_bytes", "mem_vs_eager", "peak_total_bytes", "inputs_bytes", "grad_bytes",
+            "times_ms", "reason"]
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for r in results:
+            p = r["point"]
+            row = {**p, **r, "computes": IMPLEMENTATIONS[r["impl"]].computes,
+                   "times_ms": " ".join(f"{t:.2f}" for t in r.get("times_ms") or [])}
+            w.writerow([row.get(c, "") if row.get(c) is not None else "" for c in cols])
+
+
+def plot(path_prefix: str, results: list[dict], impls: list[str], env: dict) -> list[str]:
+    """sweep_G.png and sweep_T.png: time and peak extra memory against G and T, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for sw, xkey, xlabel in (("G", "G", "group size G"), ("T", "T", "completion length T (tokens)")):
+        rows = [r for r in results if r["point"]["sweep"] == sw]
+        if not rows:
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fixed = rows[0]["point"]
+        for impl in impls:
+            mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["point"][xkey])
+            good = [r for r in mine if r["status"] == "ok"]
+            bad = [r for r in mine if r["status"] in ("OOM", "timeout", "error")]
+            if not good and not bad:
+                continue
+            label = impl + (f" ({', '.join(sorted({r['status'] for r in bad}))} at {xkey}="
+                            f"{','.join(str(r['point'][xkey]) for r in bad)})" if bad else "")
+            xs = [r["point"][xkey] for r in good]
+            line, = ax_t.plot(xs, [r["time_ms"] for r in good], marker="o", label=label)
+            ax_m.plot(xs, [r["peak_extra_bytes"] / MIB for r in good], marker="o", color=line.get_color(), label=label)
+        floor = sorted(rows, key=lambda r: r["point"][xkey])
+        xs = sorted({r["point"][xkey] for r in floor})
+        grads = {r["point"][xkey]: r["grad_bytes"] / MIB for r in floor}
+        ax_m.plot(xs, [grads[x] for x in xs], "k--", linewidth=1, label="floor: dhidden + dweight")
+        for ax, ylabel in ((ax_t, "forward + backward time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs])
+        ax_t.legend(fontsize=8)
+        ax_m.legend(fontsize=8)
+        other = "T" if sw == "G" else "G"
+        fig.suptitle(f"GRAO loss fwd+bwd, {other}={fixed[other]} P={fixed['P']} D={fixed['D']} V={fixed['V']} "
+                     f"{fixed['dtype']} | {env['device_name']} | {env['date']}", fontsize=9)
+        fig.tight_layout()
+        path = f"{path_prefix}sweep_{sw}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--sweep", choices=("tiny", "small", "full"), default=None,
+                    help="default: small on cpu, full on cuda")
+    ap.add_argument("--only", default="", help="comma list of sweeps to keep: headline,G,T,V,D,dtype")
+    ap.add_argument("--impls", default="eager,fused,liger_grpo,cce", help="comma list of " + ",".join(IMPLEMENTATIONS))
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 3 headline, 2 others "
+                    "on cpu; 5 on cuda)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per CPU worker before 'timeout'")
+    ap.add_argument("--budget-gb", type=float, default=None,
+                    help="memory budget (GiB, inputs included) for the largest-N search; default 8 on cpu, the "
+                         "card's memory on cuda; 0 turns it off")
+    ap.add_argument("--verify-limit", type=float, default=None,
+                    help="largest predicted seconds for a verifying run of the budget search (default 60 cpu, 30 cuda)")
+    ap.add_argument("--no-plots", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device here", file=sys.stderr)
+            return 2
+    sweep = args.sweep or ("small" if device == "cpu" else "full")
+    points = sweep_points(device, sweep)
+    if args.only:
+        keep = {s.strip() for s in args.only.split(",") if s.strip()}
+        points = [p for p in points if p.sweep in keep]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    for i in impls:
+        if i not in IMPLEMENTATIONS:
+            print(f"unknown implementation {i!r}; known: {', '.join(IMPLEMENTATIONS)}", file=sys.stderr)
+            return 2
+    if "eager" in impls:  # eager first at each point: it is the ratio's denominator
+        impls = ["eager"] + [i for i in impls if i != "eager"]
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", device)
+    os.makedirs(out, exist_ok=True)
+    command = " ".join(["python -m benchmarks.compare"] + [shlex.quote(a) for a in (argv if argv is not None
+                                                                                    else sys.argv[1:])])
+    env = environment(device, command)
+    print(f"# {env['date']} | {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
+          f"peers {env['peers']}\n# {command}")
+
+    # availability (in this process; on CPU the workers re-check)
+    live = []
+    for name in impls:
+        ok, why = IMPLEMENTATIONS[name].available(device)
+        if ok:
+            live.append(name)
+        else:
+            print(f"# {name}: skipped: {why}")
+    results: list[dict] = []
+
+    def skipped(name: str, p: Point) -> dict:
+        _, why = IMPLEMENTATIONS[name].available(device)
+        return {"impl": name, "status": "skipped", "reason": why, "time_ms": None, "times_ms": [],
+                "peak_extra_bytes": None, "peak_total_bytes": None, "inputs_bytes": p.input_bytes(),
+                "grad_bytes": p.grad_bytes(), "point": p.to_dict()}
+
+    t_start = time.perf_counter()
+    print(f"  {'impl':<11} {'time':>12}  {'/eager':>7}  {'peak extra':>10}  {'/eager':>7}")
+    for p in points:
+        repeats = args.repeats or (5 if device == "cuda" else (3 if p.sweep == "headline" else 2))
+        print(f"[{p.sweep}] {p.label()}")
+        row_results = []
+        for name in impls:
+            if name in live:
+                row_results.append(run_one(device, name, p, warmup=args.warmup, repeats=repeats, timeout=args.timeout))
+            else:
+                row_results.append(skipped(name, p))
+        add_ratios(row_results)
+        for r in row_results:
+            if r["status"] != "skipped" or r["impl"] in live:
+                print_row(r)
+        results.extend(row_results)
+        sys.stdout.flush()
+    add_ratios(results)
+    sweep_s = time.perf_counter() - t_start
+
+    budget_gb = args.budget_gb
+    if budget_gb is None:
+        if device == "cuda":
+            import torch
+
+            budget_bytes = torch.cuda.get_device_properties(0).total_memory
+        else:
+            budget_bytes = 8 * 1024 ** 3
+    else:
+        budget_bytes = int(budget_gb * 1024 ** 3) if budget_gb > 0 else 0
+    budget = []
+    if budget_bytes and any(p.sweep == "T" for p in points):
+        verify = args.verify_limit if args.verify_limit is not None else (60.0 if device == "cpu" else 30.0)
+        print(f"# largest N within {fmt_bytes(budget_bytes)} (inputs included)")
+        budget = largest_n(device, results, live, budget_bytes, verify_limit_s=verify, timeout=args.timeout)
+        for b in budget:
+            print(f"  {b['impl']:<11} N_max = {b['n_max']}  ({b['method']})")
+    total_s = time.perf_counter() - t_start
+    env["sweep"] = sweep
+    env["elapsed_s"] = {"sweep": round(sweep_s, 1), "total": round(total_s, 1)}
+
+    headline = [r for r in results if r["point"]["sweep"] == "headline" and r["status"] == "ok"]
+    verdict = {}
+    for r in headline:
+        if r["impl"] != "eager" and r.get("time_vs_eager") is not None:
+            verdict[r["impl"]] = {"time_vs_eager": r["time_vs_eager"], "mem_vs_eager": r["mem_vs_eager"]}
+            print(f"# headline {r['impl']}: time {r['time_vs_eager']:.2f}x eager, extra memory "
+                  f"{100 * r['mem_vs_eager']:.1f}% of eager's")
+
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump({"env": env, "impls": {n: {"computes": IMPLEMENTATIONS[n].computes, "note": IMPLEMENTATIONS[n].note,
+                                             "versions": IMPLEMENTATIONS[n].versions()} for n in impls},
+                   "results": results, "largest_n": budget, "headline_vs_eager": verdict}, fh, indent=1)
+    write_csv(os.path.join(out, "results.csv"), results)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(markdown(env, results, budget, impls))
+    out_rel = os.path.relpath(out, ROOT)
+    with open(os.path.join(out, "summary.md"), "w") as fh:
+        fh.write(summary(env, results, budget, impls, out_rel))
+    written = [] if args.no_plots else plot(os.path.join(out, ""), results, live, env)
+    print(f"# wrote {out}/results.json, results.csv, results.md, summary.md" + (", " + ", ".join(
+        os.path.basename(w) for w in written) if written else "") + f" in {total_s:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""The one prepared GPU call: CUDA tests, then fused vs eager vs peers on the headline shapes.
+
+    python benchmarks/gpu_check.py            # writes gpu_check.json / gpu_check.md to $OUT
+                                              # (or benchmarks/results/gpu/ when OUT is not set)
+
+Budgeted to finish in under 8 minutes on one H100/H200:
+1. ``pytest -m "not slow" tests/`` (the CUDA-marked tests run on the device; ~3 min cap);
+2. a bf16 matmul to measure the card's dense throughput (the FLOP floor's denominator);
+3. forward + backward time and peak memory on 3 shapes, each implementation in turn:
+   - the issue's headline: bf16, N = 16384 (P=1, G=7, T=2048), D = 4096, V = 151936 (Qwen3-8B head);
+   - a small-D head: bf16, N = 16384, D = 896, V = 151936 (Qwen2.5-0.5B);
+   - a long batch: bf16, N = 65536 (G=7, T=8192), D = 4096, V = 151936 (eager is expected to OOM: recorded).
+   For each: the FLOP-floor ratio time / (8 N D V / measured matmul FLOP/s), and peak memory
+   (torch.cuda.max_memory_allocated, inputs included) against hidden + weight + their gradients
+   (the issue's target: <= 1.1x, an fp32 weight-gradient buffer allowed).
+Every stage is guarded by the time limit and by try/except: the result files are always written.
+
+Peers on a machine without network: put wheels in .benchmarks/wheels/ first
+(``pip download --no-deps -d .benchmarks/wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1``)
+and carry that folder; they are installed with ``pip install --no-deps --no-index`` when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+def install_local_peers(log: list) -> None:
+    """pip install --no-deps from .benchmarks/wheels the peers that are missing (no network needed)."""
+    from benchmarks.common import package_version
+
+    wheels = os.path.join(ROOT, ".benchmarks", "wheels")
+    for dist, prefix in (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy")):
+        if package_version(dist):
+            continue
+        found = sorted(glob.glob(os.path.join(wheels, prefix + "-*.whl")))
+        if not found:
+            log.append(f"{dist}: not installed, no wheel in .benchmarks/wheels")
+            continue
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", found[-1]],
+                              capture_output=True, text=True, timeout=120, check=False)
+        log.append(f"{dist}: pip install {os.path.basename(found[-1])} -> exit {proc.returncode}")
+
+
+def run_tests(timeout: float, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-m", "not slow", "tests/", "-q", "-rfEs", "-p", "no:cacheprovider"] + extra
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+        out = proc.stdout + proc.stderr
+        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+        summary = lines[-1] if lines else ""
+        failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+        return {"command": " ".join(cmd[2:]), "exit_code": proc.returncode, "summary": summary,
+                "failures": failed[:30], "seconds": round(time.perf_counter() - t0, 1), "tail": "\n".join(lines[-40:])}
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return {"command": " ".join(cmd[2:]), "exit_code": None, "summary": f"timeout after {timeout:.0f} s",
+                "failures": [], "seconds": round(time.perf_counter() - t0, 1), "tail": out[-3000:]}
+
+
+def matmul_tflops(dtype_name: str = "bf16", n: int = 8192, reps: int = 20, device: str = "cuda") -> float:
+    """Dense matmul throughput of this card in TFLOP/s (median of ``reps`` n x n x n products)."""
+    import torch
+
+    from benchmarks.common import DTYPES
+
+    dtype = DTYPES[dtype_name]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            a @ b
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return 2.0 * n ** 3 / (times[len(times) // 2] * 1e-3) / 1e12
+
+
+def points(smoke: bool = False):
+    from benchmarks.common import Point
+
+    if smoke:  # --cpu-smoke: the same code path on tiny CPU shapes, to check the script itself
+        return [Point("headline", 1, 7, 16, 64, 1000, "bf16"), Point("long", 1, 7, 64, 64, 1000, "bf16")]
+    return [
+        Point("headline", 1, 7, 2048, 4096, 151936, "bf16", "Qwen3-8B"),
+        Point("small-D", 1, 7, 2048, 896, 151936, "bf16", "Qwen2.5-0.5B"),
+        Point("long", 1, 7, 8192, 4096, 151936, "bf16", "Qwen3-8B"),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "gpu"))
+    ap.add_argument("--time-limit", type=float, default=450.0, help="seconds after which no new stage starts")
+    ap.add_argument("--tests-timeout", type=float, default=180.0)
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--pytest-args", default="", help="extra pytest arguments (space separated)")
+    ap.add_argument("--impls", default="eager,fused,liger_grpo,cce")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run the script's code path on CPU with tiny shapes and no tests (checks the script only)")
+    args = ap.parse_args(argv)
+    device = "cpu" if args.cpu_smoke else "cuda"
+    if args.cpu_smoke:
+        args.skip_tests = True
+    os.makedirs(args.out, exist_ok=True)
+    log: list[str] = []
+    report: dict = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "log": log}
+
+    def save():
+        report["elapsed_s"] = round(elapsed(), 1)
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+        with open(os.path.join(args.out, "gpu_check.md"), "w") as fh:
+            fh.write(to_markdown(report))
+
+    try:
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            print("gpu_check: no CUDA device here, nothing to check (use --cpu-smoke to test the script itself)")
+            return 2
+        install_local_peers(log)
+        from benchmarks.common import IMPLEMENTATIONS, environment
+
+        report["env"] = environment(device, report["command"])
+        report["impls"] = {n: {"computes": IMPLEMENTATIONS[n].computes, "note": IMPLEMENTATIONS[n].note,
+                               "versions": IMPLEMENTATIONS[n].versions()} for n in IMPLEMENTATIONS}
+        save()
+        if not args.skip_tests:
+            print(f"[{elapsed():.0f}s] pytest -m 'not slow' tests/", flush=True)
+            report["tests"] = run_tests(args.tests_timeout, args.pytest_args.split())
+            print(report["tests"]["summary"], flush=True)
+            save()
+        print(f"[{elapsed():.0f}s] matmul throughput", flush=True)
+        report["matmul_tflops_bf16"] = (matmul_tflops("bf16", n=256, reps=3, device="cpu") if args.cpu_smoke
+                                        else matmul_tflops("bf16"))
+        save()
+        run_points(args, report, log, save, device)
+    except Exception as exc:  # noqa: BLE001 - the report is written whatever happens
+        log.append(f"aborted: {type(exc).__name__}: {exc}")
+    save()
+    print(to_markdown(report))
+    return 0
+
+
+def run_points(args, report, log, save, device: str = "cuda") -> None:
+    import torch
+
+    from benchmarks.common import IMPLEMENTATIONS, measure
+
+    impls = [i for i in args.impls.split(",") if i]
+    peak = report.get("matmul_tflops_bf16")
+    rows = report.setdefault("results", [])
+    for p in points(smoke=device == "cpu"):
+        eager_res = None
+        for impl in impls:
+            if elapsed() > args.time_limit:
+                rows.append({"impl": impl, "point": p.to_dict(), "status": "not run",
+                             "reason": f"time limit {args.time_limit:.0f} s reached"})
+                continue
+            ok, why = IMPLEMENTATIONS[impl].available(device)
+            print(f"[{elapsed():.0f}s] {impl} {p.label()}", flush=True)
+            if not ok:
+                rows.append({"impl": impl, "point": p.to_dict(), "status": "skipped", "reason": why})
+                continue
+            res = measure(impl, p, device, warmup=1, repeats=args.repeats)
+            res["point"] = p.to_dict()
+            floor_bytes = p.grad_bytes() * 2  # hidden + weight + their gradients, in the inputs' dtype
+            if res["status"] == "ok":
+                res["tflops_8NDV"] = p.flops / (res["time_ms"] * 1e-3) / 1e12
+                if peak:
+                    res["floor_ms_measured_peak"] = p.flops / (peak * 1e12) * 1e3
+                    res["time_vs_floor"] = res["time_ms"] / res["floor_ms_measured_peak"]
+                res["time_vs_floor_790"] = res["time_ms"] / (p.flops / 790e12 * 1e3)
+                res["memory_floor_bytes"] = floor_bytes
+                res["memory_vs_floor"] = res["peak_total_bytes"] / floor_bytes
+                res["memory_vs_floor_fp32_dw"] = res["peak_total_bytes"] / (floor_bytes + p.V * p.D * 4)
+                if impl == "eager":
+                    eager_res = res
+                    res["time_vs_eager"] = res["mem_vs_eager"] = 1.0
+                elif eager_res is not None:
+                    res["time_vs_eager"] = res["time_ms"] / eager_res["time_ms"]
+                    res["mem_vs_eager"] = res["peak_extra_bytes"] / eager_res["peak_extra_bytes"]
+            rows.append(res)
+            print(f"    {res['status']} {res.get('time_ms')} ms peak total {res.get('peak_total_bytes')}", flush=True)
+            save()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _gib(x):
+    return "-" if x is None else f"{x / 1024 ** 3:.2f} GiB"
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def to_markdown(report: dict) -> str:
+    env = report.get("env", {})
+    lines = ["# GPU check: fused GRAO loss vs eager and peers", "",
+             f"- date: {env.get('date')}", f"- command: `{report.get('command')}`",
+             (f"- device: {env.get('device_name')} ({_gib(env.get('gpu_memory_bytes'))}), CUDA {env.get('cuda')}, "
+             f"torch {env.get('torch')}, triton {env.get('triton')}, CPU {env.get('cpu_model')}"),
+             f"- peers: {env.get('peers')}", f"- grao-kernels commit: {env.get('grao_kernels_commit')}",
+             f"- elapsed: {report.get('elapsed_s')} s", ""]
+    tests = report.get("tests")
+    if tests:
+        lines += ["## Tests", "", (f"`{tests['command']}` -> exit {tests['exit_code']}, {tests['summary']} "
+                  f"({tests['seconds']} s)"), ""]
+        lines += [f"- {f}" for f in tests.get("failures", [])]
+        lines.append("")
+    if report.get("matmul_tflops_bf16"):
+        lines += [(f"Measured bf16 matmul throughput (8192^3): {report['matmul_tflops_bf16']:.0f} TFLOP/s; "
+                  "FLOP floor = 8 N D V / that."), ""]
+    if report.get("results"):
+        lines += ["## Forward + backward", "",
+                  ("| shape | impl | status | time (ms) | / eager | / FLOP floor | TFLOP/s (8NDV) | peak total | "
+                  "/ (h+w+grads) | peak extra | extra / eager |"),
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["results"]:
+            p = r["point"]
+            shape = f"N={p['N']} D={p['D']} V={p['V']} {p['dtype']} ({p['sweep']})"
+            status = r["status"] if r["status"] == "ok" else f"**{r['status']}** {r.get('reason', '')[:80]}"
+            lines.append(f"| {shape} | {r['impl']} | {status} | {_f(r.get('time_ms'), '{:.1f}')} | "
+                         f"{_f(r.get('time_vs_eager'))} | {_f(r.get('time_vs_floor'))} | {_f(r.get('tflops_8NDV'), '{:.0f}')} | "
+                         f"{_gib(r.get('peak_total_bytes'))} | {_f(r.get('memory_vs_floor'))} | "
+                         f"{_gib(r.get('peak_extra_bytes'))} | {_f(r.get('mem_vs_eager'))} |")
+        lines.append("")
+    if report.get("log"):
+        lines += ["## Log", ""] + [f"- {x}" for x in report["log"]] + [""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

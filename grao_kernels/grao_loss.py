@@ -125,6 +125,9 @@ def _(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats,
 
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
+    # Only the loss receives a gradient; without this autograd would materialise zero "gradients"
+    # for the other outputs, dweight's shape among them (a transient [V, D] buffer at the peak).
+    ctx.set_materialize_grads(False)
     if torch.compiler.is_compiling():
         ctx.save_for_backward(*output[5:])
         ctx.grads = None

@@ -93,12 +93,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
     ctx.config = (temperature, ignore_index, backend)
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the lse / entropy outputs
 
 
 def _autograd_backward(ctx, grad_logp, _grad_lse, _grad_entropy):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     temperature, ignore_index, backend = ctx.config
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if grad_logp is None:
+        return (None,) * 8
     dh, dw, db = linear_logprob_backward_op(hidden, weight, bias, labels, lse, grad_logp.to(lse.dtype).contiguous(),
                                             temperature, ignore_index, need_hidden, need_weight,
                                             bool(need_bias and bias is not None), backend)

@@ -64,11 +64,23 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = No
 
 
 def load_yaml(path: str | None) -> dict:
+    """TrainConfig values from a YAML file, parsed with ``yaml.safe_load``: plain scalars, lists and mappings
+    only, so a tag such as ``!!python/object/apply:os.system`` is refused (SystemExit naming the file)
+    instead of running code."""
     if not path:
         return {}
     import yaml
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.constructor.ConstructorError as exc:
+        raise SystemExit(f"{path}: refused: the config may hold only plain YAML values (strings, numbers, "
+                         f"booleans, lists, mappings), it is parsed with yaml.safe_load and never builds Python "
+                         f"objects; {exc.problem} {exc.problem_mark or ''}".rstrip()) from None
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"{path}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"{path}: cannot read the config: {exc}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: the config must be a mapping of TrainConfig fields")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -135,12 +147,19 @@ def _environment() -> dict:
 
 
 def cmd_train(args) -> int:
-    from grao.trainer import Trainer, ascii_curve
+    """Train; also the entry point of each process under ``torchrun`` / ``accelerate launch`` (rank 0 prints)."""
+    from grao.trainer import Trainer, ascii_curve, shutdown_distributed
     cfg = build_config(args)
-    trainer = Trainer(cfg)
-    history = trainer.train()
-    print(ascii_curve(history))
-    print(f"metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}; checkpoints: {Path(cfg.output_dir) / 'checkpoints'}")
+    try:
+        trainer = Trainer(cfg)
+        history = trainer.train()
+    except BaseException:
+        shutdown_distributed(barrier=False)  # the other ranks may be stuck in a collective: no barrier
+        raise
+    shutdown_distributed()
+    if trainer.is_main:
+        print(ascii_curve(history))
+        print(f"metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}; checkpoints: {Path(cfg.output_dir) / 'checkpoints'}")
     return 0
 
 

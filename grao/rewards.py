@@ -80,16 +80,19 @@ class RewardModelReward:
         model: an ``AutoModelForSequenceClassification`` (or a path / hub id to load one).
         tokenizer: its tokenizer (loaded from ``model`` when it is a path and this is None).
         mode: "diff" or "sign". batch_size: texts scored per forward. max_length: truncation.
+        trust_remote_code: passed to ``from_pretrained`` when ``model`` is a path (default False: a
+            repository's custom modelling code is never run unless asked for).
     """
 
     def __init__(self, model, tokenizer=None, *, mode: str = "diff", batch_size: int = 16, max_length: int = 1024,
-                 label_index: int = 0, device=None):
+                 label_index: int = 0, device=None, trust_remote_code: bool = False):
         if mode not in ("diff", "sign"):
             raise RewardError(f"mode must be 'diff' or 'sign', got {mode!r}")
         if isinstance(model, str):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForSequenceClassification.from_pretrained(model)
+            # remote code (a repository's own modelling .py files) runs only when the user asks for it
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(model, trust_remote_code=trust_remote_code)
         if tokenizer is None:
             raise RewardError("RewardModelReward needs the reward model's tokenizer")
         self.model, self.tokenizer, self.mode = model.eval(), tokenizer, mode
@@ -183,52 +186,120 @@ class WeightedReward:
 
 
 def reward_name(fn) -> str:
-    return getattr(fn, "__name__", type(fn).__name__)
+    """A name for error messages: ``__name__`` (functions, built-in wrappers), else the class name."""
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str):
+        return name
+    func = getattr(fn, "func", None)  # functools.partial
+    if func is not None:
+        return f"partial({reward_name(func)})"
+    return type(fn).__name__
+
+
+def _invoke(fn: RewardFn, n: int, kwargs: dict) -> list:
+    """Call ``fn``; any exception, a non-sequence or a wrong length becomes a RewardError naming ``fn``."""
+    name = reward_name(fn)
+    try:
+        values = fn(**kwargs)
+    except Exception as exc:
+        raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+    if values is None or isinstance(values, (str, bytes, dict)):
+        raise RewardError(f"reward {name!r} returned {type(values).__name__} instead of a list of "
+                          f"{n} floats (one per completion)")
+    if isinstance(values, torch.Tensor):
+        values = values.detach().reshape(-1).tolist()
+    try:
+        values = list(values)
+    except TypeError:
+        raise RewardError(f"reward {name!r} returned {type(values).__name__} instead of a list of "
+                          f"{n} floats (one per completion)") from None
+    if len(values) != n:
+        raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions")
+    return values
+
+
+def _as_float(v: Any) -> float | None:
+    """float(v) for numbers (bool, int, float, numpy / 0-d torch scalars), None for anything else."""
+    if v is None or isinstance(v, (str, bytes)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _reward_kwargs(prompts, completions, references, columns: dict) -> dict:
+    columns.pop("solution", None)  # always the references (a WeightedReward passes its keywords on)
+    return dict(prompts=prompts, completions=completions, references=references, solution=references, **columns)
 
 
 def call_reward(fn: RewardFn, *, prompts: list, completions: list[str], references: list[str],
                 **columns: Any) -> list[float]:
-    """Call a reward with TRL-compatible keywords and check it returns len(completions) finite floats."""
-    columns.pop("solution", None)  # always the references (a WeightedReward passes its keywords on)
-    values = fn(prompts=prompts, completions=completions, references=references, solution=references, **columns)
-    values = [float(v) for v in values]
-    if len(values) != len(completions):
-        raise RewardError(f"reward {reward_name(fn)!r} returned {len(values)} values for {len(completions)} completions")
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise RewardError(f"reward {reward_name(fn)!r} returned a non-finite value {bad[0]}")
-    return values
+    """Call a reward with TRL-compatible keywords and check it returns len(completions) finite floats.
+
+    Raises :class:`RewardError` naming the reward (its ``__name__`` or class) when it raises, returns
+    something that is not a sequence, the wrong number of values, or a None / non-numeric / NaN / inf value.
+    """
+    kwargs = _reward_kwargs(prompts, completions, references, columns)
+    values = _invoke(fn, len(completions), kwargs)
+    out = []
+    for i, v in enumerate(values):
+        f = _as_float(v)
+        if f is None:
+            raise RewardError(f"reward {reward_name(fn)!r} returned {v!r:.40} (not a number) for completion {i}")
+        if not math.isfinite(f):
+            raise RewardError(f"reward {reward_name(fn)!r} returned a non-finite value {f} for completion {i}")
+        out.append(f)
+    return out
+
+
+def call_reward_lenient(fn: RewardFn, *, prompts: list, completions: list[str], references: list[str],
+                        **columns: Any) -> list[float]:
+    """As :func:`call_reward`, but a None / non-numeric / NaN / inf value becomes NaN instead of an error
+    (the trainer then drops the groups that hold one, ``on_reward_error="drop_group"``).
+
+    An exception, a non-sequence or a wrong length still raise :class:`RewardError` (the call as a whole failed).
+    """
+    kwargs = _reward_kwargs(prompts, completions, references, columns)
+    values = _invoke(fn, len(completions), kwargs)
+    out = []
+    for v in values:
+        f = _as_float(v)
+        out.append(f if f is not None and math.isfinite(f) else math.nan)
+    return out
 
 
 BUILTIN = {"exact_match": exact_match, "token_f1": token_f1, "char_f1": char_f1}
 
 
-def resolve_reward(spec: Any) -> RewardFn:
+def resolve_reward(spec: Any, *, trust_remote_code: bool = False) -> RewardFn:
     """A reward from a spec: a callable; a built-in name (exact_match, token_f1, char_f1);
     ``reward_model:<path or hub id>`` (optionally ``reward_model_sign:...``); ``module:function``;
-    or a list of ``{"name": spec, "weight": w}`` / ``"spec*w"`` items combined with weights."""
+    or a list of ``{"name": spec, "weight": w}`` / ``"spec*w"`` items combined with weights.
+    ``trust_remote_code`` is passed to the reward model's ``from_pretrained`` (default False)."""
+    sub = {"trust_remote_code": trust_remote_code}
     if callable(spec):
         return spec
     if isinstance(spec, (list, tuple)):
         items = []
         for item in spec:
             if isinstance(item, dict):
-                items.append((resolve_reward(item["name"]), float(item.get("weight", 1.0))))
+                items.append((resolve_reward(item["name"], **sub), float(item.get("weight", 1.0))))
             elif isinstance(item, str) and "*" in item:
                 name, w = item.rsplit("*", 1)
-                items.append((resolve_reward(name), float(w)))
+                items.append((resolve_reward(name, **sub), float(w)))
             else:
-                items.append((resolve_reward(item), 1.0))
+                items.append((resolve_reward(item, **sub), 1.0))
         return items[0][0] if len(items) == 1 and items[0][1] == 1.0 else WeightedReward(items)
     if not isinstance(spec, str):
         raise RewardError(f"cannot build a reward from {spec!r}")
     if "," in spec:
-        return resolve_reward([s.strip() for s in spec.split(",") if s.strip()])
+        return resolve_reward([s.strip() for s in spec.split(",") if s.strip()], **sub)
     if spec in BUILTIN:
         return BUILTIN[spec]
     for prefix, mode in (("reward_model_sign:", "sign"), ("reward_model:", "diff")):
         if spec.startswith(prefix):
-            return RewardModelReward(spec[len(prefix):], mode=mode)
+            return RewardModelReward(spec[len(prefix):], mode=mode, trust_remote_code=trust_remote_code)
     if ":" in spec:
         module, attr = spec.split(":", 1)
         return getattr(importlib.import_module(module), attr)

@@ -34,15 +34,40 @@ rejected, against a frozen copy of the initial model), ``grpo`` (TRL-style, no r
 Checkpoints are written with ``save_pretrained`` into a temporary directory that is renamed
 atomically to ``checkpoints/step-XXXXXXXX``; the trainer state (optimizer, scheduler, RNG, data
 position, step) is a ``torch.save`` of tensors and plain containers, loaded with
-``weights_only=True``. ``resume=True`` continues from the newest complete checkpoint; an
-interrupted run leaves at most a ``.tmp-*`` directory, which is ignored and removed.
+``weights_only=True`` (a state file holding any other pickled object is refused). ``resume=True``
+continues from the newest complete checkpoint; an interrupted run leaves at most a ``.tmp-*``
+directory, which is ignored and removed. Models and tokenizers are loaded with
+``trust_remote_code=False`` unless the config says otherwise.
+
+Faults (each counted in the step metrics):
+
+* a reward function that raises or returns the wrong length / None / NaN: a :class:`RewardError`
+  naming the function (``on_reward_error="raise"``, the default), or with ``"drop_group"`` the
+  prompts whose rewards are invalid are left out of the step (``groups_dropped``); a step whose
+  groups are all dropped makes no update (``skipped_all_dropped``);
+* a non-finite loss or gradient: the optimizer and scheduler do not step, the gradients are
+  discarded, weights and optimizer state stay as they were (``skipped_nonfinite``);
+* ``max_consecutive_skips`` skipped steps in a row stop the run with an error.
+
+Several processes (``torchrun`` or ``accelerate launch``, the commands are in the README): each rank samples
+and scores its contiguous shard of the step's P prompts, with a sampling seed that depends on
+(seed, step, prompt index) and not on the rank, so the rollouts equal those of one process with
+``sample_seeding="prompt"``. Each rank's loss is scaled by (its prompts / all prompts) -- tokens
+for SFT and DAPO-style GRPO -- and the gradients are summed over ranks with ``all_reduce`` once per
+step (after all micro-batches), so the update equals the single-process update on the global batch.
+This is data parallelism with a replicated model (the lm_head included), what DDP does; the trainer
+does not wrap the model in ``DistributedDataParallel`` because its loss never calls the model's
+forward (it runs the backbone and applies the fused loss to the lm_head weight). FSDP / DeepSpeed
+sharding is not supported: a run launched with them is refused with an error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -70,11 +95,22 @@ from grao.reference import (
     sequence_logprob,
     token_logprobs,
 )
-from grao.rewards import call_reward, resolve_reward
+from grao.rewards import (
+    RewardError,
+    call_reward,
+    call_reward_lenient,
+    resolve_reward,
+    reward_name,
+)
+
+logger = logging.getLogger("grao")
 
 METHODS = ("grao", "grpo", "sft", "dpo")
 LOSS_IMPLS = ("auto", "fused", "eager")
 SCHEDULES = ("constant", "linear", "cosine")
+REWARD_ERROR_MODES = ("raise", "drop_group")
+SAMPLE_SEEDINGS = ("auto", "batch", "prompt")
+FAULT_ENV = "GRAO_FAULT_INJECT"  # test hook, see _fault_point
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.pt"
 
@@ -94,6 +130,8 @@ class TrainConfig:
     task_train_size: int = 2000
     task_eval_size: int = 128
     reward: Any = "exact_match"  # built-in name, "module:function", "reward_model:<path>", or a weighted list
+    on_reward_error: str = "raise"  # raise (RewardError naming the reward) | drop_group (leave the prompt out, count it)
+    trust_remote_code: bool = False  # run a model repository's own code (from_pretrained); only when asked
     method: str = "grao"  # grao | grpo | sft | dpo
     # sampling
     group_size: int = 8  # G
@@ -101,6 +139,7 @@ class TrainConfig:
     max_new_tokens: int = 16
     temperature: float = 0.7  # paper: 0.7
     top_p: float = 1.0
+    sample_seeding: str = "auto"  # batch (one generate call, global RNG) | prompt (one call per prompt seeded by (seed, step, prompt index): the same samples for any number of processes; slower) | auto (batch in one process, prompt in several)
     max_prompt_length: int = 512
     # losses
     beta: float = 0.5  # GRAO imitation weight (paper 0.5)
@@ -124,6 +163,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
     micro_batch_rows: int = 0  # rows per forward/backward; 0 = the whole step at once
+    max_consecutive_skips: int = 10  # stop when this many steps in a row made no update (non-finite / all dropped); 0: never
     gradient_checkpointing: bool = False
     bf16: str = "auto"  # auto (bf16 autocast on CUDA when supported) | true | false
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (when installed)
@@ -150,6 +190,11 @@ class TrainConfig:
         need(self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         need(self.dpo_rejected in ("sample", "column"), f"dpo_rejected must be sample|column, got {self.dpo_rejected!r}")
+        need(self.on_reward_error in REWARD_ERROR_MODES,
+             f"on_reward_error must be one of {REWARD_ERROR_MODES}, got {self.on_reward_error!r}")
+        need(self.sample_seeding in SAMPLE_SEEDINGS,
+             f"sample_seeding must be one of {SAMPLE_SEEDINGS}, got {self.sample_seeding!r}")
+        need(self.max_consecutive_skips >= 0, f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
         for name in ("group_size", "prompts_per_step", "max_new_tokens", "steps"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.micro_batch_rows >= 0, f"micro_batch_rows must be >= 0, got {self.micro_batch_rows}")
@@ -223,8 +268,19 @@ class Rollout:
     sample_ids: list[list[list[int]]]  # [P][G] generated tokens up to and including EOS
     sample_texts: list[list[str]]  # [P][G]
     reference_ids: list[list[int]]  # [P] reference tokens + EOS
-    rewards: torch.Tensor  # [P, G+1] float32: R(o_i, y) then R(y, y)
+    rewards: torch.Tensor  # [P, G+1] float32: R(o_i, y) then R(y, y); NaN rows for dropped groups
     gen_seconds: float = 0.0
+    keep: list[bool] | None = None  # [P] False: the group's rewards were invalid (on_reward_error="drop_group")
+    reward_errors: list[str] = dataclasses.field(default_factory=list)
+
+    def kept(self) -> Rollout:
+        """The rollout restricted to the groups with valid rewards."""
+        if self.keep is None or all(self.keep):
+            return self
+        idx = [i for i, k in enumerate(self.keep) if k]
+        pick = lambda xs: [xs[i] for i in idx]
+        return Rollout(pick(self.records), pick(self.prompt_texts), pick(self.prompt_ids), pick(self.sample_ids),
+                       pick(self.sample_texts), pick(self.reference_ids), self.rewards[idx], self.gen_seconds)
 
 
 def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, ignore_index: int = -100
@@ -312,9 +368,11 @@ def load_model_and_tokenizer(config: TrainConfig, source: str | None = None, dev
         tok = demo.build_tokenizer()
         model = demo.build_model(tok, seed=config.seed, attn_implementation=config.attn_implementation)
     else:
-        tok = AutoTokenizer.from_pretrained(config.tokenizer or src if source is None else src)
+        # trust_remote_code: a hub repository's own Python code runs only when the user asked for it
+        remote = bool(config.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(config.tokenizer or src if source is None else src, trust_remote_code=remote)
         kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=remote, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -332,6 +390,39 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
              and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def recover_interrupted_saves(output_dir: str | os.PathLike) -> None:
+    """Repair what a process killed inside :meth:`Trainer.save_checkpoint` can leave behind.
+
+    A kill between the two renames of a re-save leaves the complete old checkpoint as
+    ``.old-step-N-<pid>`` and no ``step-N``: it is renamed back. Half-written ``.tmp-*`` directories and
+    ``.old-*`` ones that have a ``step-N`` again are removed.
+    """
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    import re
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".old-"):
+            m = re.fullmatch(rf"\.old-({CHECKPOINT_PREFIX}\d+)-\d+", entry.name)  # not the "-pruned" ones
+            if m and not (root / m.group(1)).exists() and (entry / STATE_FILE).is_file():
+                os.rename(entry, root / m.group(1))
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: with ``GRAO_FAULT_INJECT="<name>@<step>"`` the process announces it on stdout and
+    sleeps, so that a test can SIGKILL it at exactly this point (e.g. inside a checkpoint write).
+    Points: ``save_weights`` (weights written to the temp dir, trainer state not yet), ``save_state``
+    (everything written, not yet renamed). Unset in normal runs: a dictionary lookup, nothing else."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{name}@{step}":
+        print(f"{FAULT_ENV}: paused at {name} step {step} pid {os.getpid()}", flush=True)
+        time.sleep(600)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -362,6 +453,112 @@ def _plain(value):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# several processes
+
+
+def _dist():
+    """torch.distributed when a process group of several ranks is up, else None."""
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def init_distributed(want_cuda: bool) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank). With ``WORLD_SIZE > 1`` in the environment (set by ``torchrun`` and
+    ``accelerate launch``) the default process group is created (NCCL for CUDA, else gloo) unless the
+    caller already did it. FSDP / DeepSpeed / Megatron launches are refused: the trainer replicates the model."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() <= 1:
+            return 0, 1, 0
+    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, 0
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise NotImplementedError(f"{var} is set: the grao trainer is data parallel with a replicated model "
+                                      f"(DDP-style gradient all-reduce); FSDP / DeepSpeed / Megatron sharding is not "
+                                      f"supported. Launch with plain multi-process data parallelism "
+                                      f"(accelerate launch --multi_gpu, or torchrun).")
+    if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if want_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Destroy the default process group if one is up (end of ``grao train``)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of ``total`` items; sizes differ by at most one."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], bucket_bytes: int = 25 * 2 ** 20) -> None:
+    """Sum .grad over ranks in flat buckets (DDP's gradient bucketing, without its forward hooks).
+
+    A parameter without a gradient on some ranks gets zeros there; one without a gradient on every
+    rank keeps ``grad = None`` (as in one process, so AdamW leaves it alone)."""
+    dist = _dist()
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has)
+    used = [p for p, h in zip(params, has.tolist()) if h > 0]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in used:
+        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in groups.values():
+        bucket, size = [], 0
+        for g in grads + [None]:
+            if g is not None:
+                bucket.append(g)
+                size += g.numel() * g.element_size()
+            if bucket and (g is None or size >= bucket_bytes):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, size = [], 0
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few floats over ranks (float64); the values themselves in one process."""
+    dist = _dist()
+    if dist is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """Sampling seed of the prompt at position ``index`` of step ``step``'s global batch (not of a rank)."""
+    digest = hashlib.blake2b(f"grao:{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -381,22 +578,42 @@ class Trainer:
         cfg = self.config
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                                    else cfg.device)
+        self.rank, self.world_size, local_rank = init_distributed(self.device.type == "cuda")
+        self.is_main = self.rank == 0
+        if self.world_size > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local_rank)
+            if cfg.sample_seeding == "batch":
+                raise ValueError("sample_seeding='batch' draws every rank's samples from one global RNG stream; "
+                                 "with several processes use 'prompt' (or 'auto')")
+            if cfg.prompts_per_step < self.world_size:
+                raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be >= the number of processes "
+                                 f"({self.world_size}): each rank samples its share of the step's prompts")
+        self.sample_seeding = (("prompt" if self.world_size > 1 else "batch") if cfg.sample_seeding == "auto"
+                               else cfg.sample_seeding)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
         self.resume_from = None
         if cfg.resume:
+            if self.is_main:
+                recover_interrupted_saves(self.output_dir)
             ckpts = checkpoint_dirs(self.output_dir)
-            self.resume_from = ckpts[-1] if ckpts else None
+            found = str(ckpts[-1]) if ckpts else None
+            chosen = _all_gather(found)[0]  # rank 0 decides
+            self.resume_from = Path(chosen) if chosen else None
         if model is None:
             model, tok = load_model_and_tokenizer(cfg, source=str(self.resume_from) if self.resume_from else None)
             tokenizer = tokenizer or tok
         elif self.resume_from is not None:
             from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(self.resume_from)
+            model = AutoModelForCausalLM.from_pretrained(self.resume_from, trust_remote_code=bool(cfg.trust_remote_code))
         if tokenizer is None:
             raise ValueError("a tokenizer is required when a model object is passed")
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        if self.world_size > 1:  # every rank starts from rank 0's weights, as DDP does
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                _dist().broadcast(t.data, 0)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if cfg.disable_dropout:
@@ -411,7 +628,8 @@ class Trainer:
         if self.device.type == "cuda" and (cfg.bf16 is True or str(cfg.bf16).lower() in ("true", "auto")):
             if str(cfg.bf16).lower() != "auto" or torch.cuda.is_bf16_supported():
                 self.autocast_dtype = torch.bfloat16
-        self.reward_fn = reward if reward is not None else resolve_reward(cfg.reward)
+        self.reward_fn = reward if reward is not None else resolve_reward(cfg.reward,
+                                                                          trust_remote_code=bool(cfg.trust_remote_code))
         if train_records is None:
             train_records, eval_records = self._default_records(eval_records)
         self.train_records = load_records(train_records)
@@ -427,6 +645,9 @@ class Trainer:
         self.scheduler = make_schedule(self.optimizer, cfg)
         self.sampler = PromptSampler(len(self.train_records), seed=cfg.seed)
         self.step = 0
+        self.counters = {"skipped_nonfinite": 0, "skipped_all_dropped": 0, "groups_dropped": 0}  # run totals
+        self._consecutive_skips = 0
+        self._loss_scale = 1.0  # this rank's share of the step's loss normaliser (1 in one process)
         self.history: list[dict] = []
         self._tb = None
         if self.resume_from is not None:
@@ -469,8 +690,21 @@ class Trainer:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_samples: int, *, temperature: float | None = None,
-                 model=None) -> list[list[list[int]]]:
-        """Sample ``num_samples`` completions per prompt -> [P][n] token lists, cut after the first EOS."""
+                 model=None, seeds: list[int] | None = None) -> list[list[list[int]]]:
+        """Sample ``num_samples`` completions per prompt -> [P][n] token lists, cut after the first EOS.
+
+        Without ``seeds``: one batched ``generate`` call drawing from the global RNG. With ``seeds`` (one
+        int per prompt): one call per prompt under ``torch.manual_seed(seed)`` in a forked RNG, so a
+        prompt's samples depend on its seed only (not on the batch or the process it landed in).
+        """
+        if seeds is not None:
+            devices = [self.device] if self.device.type == "cuda" else []
+            out = []
+            for ids, seed in zip(prompt_ids, seeds, strict=True):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)
+                    out += self.generate([ids], num_samples, temperature=temperature, model=model)
+            return out
         cfg, tok = self.config, self.tokenizer
         model = model or self.model
         temperature = cfg.temperature if temperature is None else temperature
@@ -505,23 +739,28 @@ class Trainer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def rollout(self, records: list[dict]) -> Rollout:
+    def rollout(self, records: list[dict], *, first_index: int = 0) -> Rollout:
+        """Sample and score G completions for each record. ``first_index``: position of ``records[0]`` in the
+        step's global batch (a rank's shard offset), which with ``sample_seeding="prompt"`` picks the seeds."""
         cfg, tok = self.config, self.tokenizer
         conv = [not isinstance(r["prompt"], str) for r in records]
         texts = [render_prompt(r["prompt"], tok) for r in records]
         prompt_ids = self._encode_prompts(texts, conv)
+        seeds = None
+        if self.sample_seeding == "prompt":
+            seeds = [prompt_seed(cfg.seed, self.step, first_index + j) for j in range(len(records))]
         t0 = time.perf_counter()
-        samples = self.generate(prompt_ids, cfg.group_size)
+        samples = self.generate(prompt_ids, cfg.group_size, seeds=seeds)
         gen_seconds = time.perf_counter() - t0
         sample_texts = [[self.decode(s) for s in group] for group in samples]
         refs = [r["reference"] for r in records]
         ref_ids = [tok(ref, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for ref in refs]
-        rewards = self.score(records, texts, sample_texts)
-        return Rollout(records, texts, prompt_ids, samples, sample_texts, ref_ids, rewards, gen_seconds)
+        rewards, keep, errors = self._score_checked(records, texts, sample_texts)
+        return Rollout(records, texts, prompt_ids, samples, sample_texts, ref_ids, rewards, gen_seconds,
+                       keep=keep, reward_errors=errors)
 
-    def score(self, records: list[dict], prompt_texts: list[str], sample_texts: list[list[str]]) -> torch.Tensor:
-        """rewards [P, G+1]: R(o_i, y) for each sample, then R(y, y), in one reward call."""
-        G = len(sample_texts[0])
+    @staticmethod
+    def _reward_inputs(records, prompt_texts, sample_texts) -> dict:
         prompts, completions, references = [], [], []
         columns: dict[str, list] = {k: [] for k in records[0] if k not in ("prompt", "reference")}
         for rec, text, group in zip(records, prompt_texts, sample_texts):
@@ -532,9 +771,52 @@ class Trainer:
                 for k in columns:
                     columns[k].append(rec.get(k))
         columns.pop("solution", None)
-        values = call_reward(self.reward_fn, prompts=prompts, completions=completions, references=references,
-                             **columns)
+        return dict(prompts=prompts, completions=completions, references=references, **columns)
+
+    def score(self, records: list[dict], prompt_texts: list[str], sample_texts: list[list[str]]) -> torch.Tensor:
+        """rewards [P, G+1] float32: R(o_i, y) for each sample, then R(y, y), in one reward call.
+
+        Raises :class:`grao.rewards.RewardError` naming the reward when it raises or returns a wrong
+        length, None or a non-finite value."""
+        G = len(sample_texts[0])
+        values = call_reward(self.reward_fn, **self._reward_inputs(records, prompt_texts, sample_texts))
         return torch.tensor(values, dtype=torch.float32).view(len(records), G + 1)
+
+    def _score_checked(self, records, prompt_texts, sample_texts) -> tuple[torch.Tensor, list[bool], list[str]]:
+        """(rewards [P, G+1], keep [P], error messages) under ``on_reward_error``.
+
+        "raise": :meth:`score`. "drop_group": one lenient call for the whole batch; if the call itself fails
+        (raises, wrong length) each group is scored on its own to find the failing ones. A group with an
+        invalid value (None / NaN / inf / not a number) or whose call failed gets NaN rewards and keep=False.
+        """
+        P, G = len(records), len(sample_texts[0])
+        if self.config.on_reward_error == "raise":
+            return self.score(records, prompt_texts, sample_texts), [True] * P, []
+        errors: list[str] = []
+        try:
+            values = call_reward_lenient(self.reward_fn, **self._reward_inputs(records, prompt_texts, sample_texts))
+            rewards = torch.tensor(values, dtype=torch.float32).view(P, G + 1)
+        except RewardError as exc:
+            errors.append(str(exc))
+            rows = []
+            for i in range(P):
+                try:
+                    rows.append(call_reward_lenient(self.reward_fn, **self._reward_inputs(
+                        records[i:i + 1], prompt_texts[i:i + 1], sample_texts[i:i + 1])))
+                except RewardError as exc_i:
+                    errors.append(f"prompt {i}: {exc_i}")
+                    rows.append([math.nan] * (G + 1))
+            rewards = torch.tensor(rows, dtype=torch.float32)
+        keep = torch.isfinite(rewards).all(-1)
+        for i in (~keep).nonzero().flatten().tolist():
+            if not any(e.startswith(f"prompt {i}:") for e in errors):
+                errors.append(f"prompt {i}: reward {reward_name(self.reward_fn)!r} returned a None / non-finite / "
+                              f"non-numeric value")
+        rewards[~keep] = math.nan
+        if errors:
+            logger.warning("step %d: dropped %d of %d groups on reward errors: %s", self.step + 1,
+                           int((~keep).sum()), P, "; ".join(errors[:3]))
+        return rewards, keep.tolist(), errors
 
     # ---------------------------------------------------------------------------------------------- forward
     @contextlib.contextmanager
@@ -605,14 +887,14 @@ class Trainer:
                 loss, stats = self.backend.grao(hidden, weight, labels, rewards[start:stop], bias=bias,
                                                 temperature=cfg.loss_temperature, beta=cfg.beta, lam=cfg.lam,
                                                 eps=cfg.eps, reference_in_stats=cfg.reference_in_stats)
-                (loss * ((stop - start) / P)).backward()
+                (loss * ((stop - start) / P * self._loss_scale)).backward()
                 seq_parts.append(stats["seq_logp"].detach().float())
         else:
             # rows per chunk: surrogate sum(coef * logp) with the spec's closed-form dLoss/dlogp
             coef = grao_row_grad(adv, counts, beta=cfg.beta, lam=cfg.lam).float()
             for start, stop in chunk_ranges(len(rows), mb):
                 logp, mask = self.token_logp(rows[start:stop])
-                (coef[start:stop, None] * logp).sum().backward()
+                ((coef[start:stop, None] * logp).sum() * self._loss_scale).backward()
                 seq_parts.append(sequence_logprob(logp.detach(), mask))
         seq = torch.cat(seq_parts)
         loss, parts = grao_objective(seq, adv.to(seq.dtype), beta=cfg.beta, lam=cfg.lam)
@@ -642,7 +924,7 @@ class Trainer:
                                     epsilon_low=cfg.grpo_epsilon, epsilon_high=cfg.grpo_epsilon,
                                     loss_type=cfg.grpo_loss_type, max_completion_length=cfg.max_new_tokens)
             share = (int(mask.sum()) / n_tokens) if cfg.grpo_loss_type == "dapo" else (stop - start) / n_rows
-            (loss * share).backward()
+            (loss * (share * self._loss_scale)).backward()
             total += float(loss.detach()) * share
             for k, v in stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + float(v) * (stop - start) / n_rows
@@ -656,7 +938,7 @@ class Trainer:
             logp, mask = self.token_logp(rows[start:stop])
             share = int(mask.sum()) / n_tokens
             loss = sft_loss(logp, mask) * share
-            loss.backward()
+            (loss * self._loss_scale).backward()
             total += float(loss.detach())
         return {"loss": total}
 
@@ -681,52 +963,144 @@ class Trainer:
             summed, ref_summed = (logp * mask).sum(-1), (ref_logp * mask).sum(-1)
             loss, stats = dpo_loss(summed[0::2], summed[1::2], ref_summed[0::2], ref_summed[1::2], beta=cfg.dpo_beta)
             share = (stop - start) / P
-            (loss * share).backward()
+            (loss * (share * self._loss_scale)).backward()
             total += float(loss.detach()) * share
             for k, v in stats.items():
                 acc[k] = acc.get(k, 0.0) + float(v) * share
         return {"loss": total, **{f"dpo_{k}": v for k, v in acc.items()}}
 
     # ---------------------------------------------------------------------------------------------- step
+    def _normaliser(self, ro: Rollout) -> float:
+        """What this rank's share of the batch loss is measured in: prompts (GRAO, DPO, GRPO: per-prompt
+        means), or completion tokens (SFT and DAPO-style GRPO: per-token means)."""
+        cfg = self.config
+        if cfg.method == "sft":
+            return float(sum(len(r) for r in ro.reference_ids))
+        if cfg.method == "grpo" and cfg.grpo_loss_type == "dapo":
+            return float(sum(len(s) for group in ro.sample_ids for s in group))
+        return float(len(ro.prompt_ids))
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
     def train_step(self) -> dict[str, Any]:
+        """One rollout + update. With several processes every rank calls it; the returned metrics are global.
+
+        A step with non-finite loss / gradient, or with every group dropped, makes no update: weights,
+        optimizer and LR scheduler stay as they were (the step counter and the data position advance)."""
         cfg = self.config
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         records = [self.train_records[i] for i in self.sampler.next_indices(cfg.prompts_per_step)]
-        ro = self.rollout(records)
+        lo, hi = shard_range(len(records), self.rank, self.world_size)
+        ro = self.rollout(records[lo:hi], first_index=lo)
+        kept = ro.kept()
         t1 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self.accumulate_gradients(ro)
+        n_kept, norm = _all_reduce_sum([len(kept.prompt_ids), self._normaliser(kept)], self.device)
+        n_dropped = cfg.prompts_per_step - int(n_kept)
+        stats: dict[str, float] = {}
+        reason = None
+        if n_kept == 0:
+            reason = "skipped_all_dropped"
+        else:
+            # each rank's loss is scaled by its share of the global normaliser, so the sum of the ranks'
+            # gradients is the gradient of the loss over the global batch
+            self._loss_scale = self._normaliser(kept) / norm if self.world_size > 1 else 1.0
+            try:
+                local = self.accumulate_gradients(kept) if kept.prompt_ids else {}
+                if self.world_size > 1:
+                    stats = self._reduce_stats(local, len(kept.prompt_ids) / n_kept)
+                    _all_reduce_grads([p for p in self.model.parameters() if p.requires_grad])
+                else:
+                    stats = local
+            finally:
+                self._loss_scale = 1.0
         grad_norm = None
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        if reason is None:
+            norm_t = self._grad_norm()
+            grad_norm = float(norm_t)
+            if not (math.isfinite(stats.get("loss", 0.0)) and math.isfinite(grad_norm)):
+                reason = "skipped_nonfinite"
+            else:
+                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                    params = [p for p in self.model.parameters() if p.grad is not None]
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm_t)
+                self.optimizer.step()
+                self.scheduler.step()
+        if reason is not None:
+            self.optimizer.zero_grad(set_to_none=True)  # discard the bad gradients; no optimizer / LR step
+            self.counters[reason] += 1
+            self._consecutive_skips += 1
+            logger.warning("step %d skipped (%s): loss %s, grad norm %s; weights and optimizer state unchanged",
+                           self.step + 1, reason, stats.get("loss"), grad_norm)
+        else:
+            self._consecutive_skips = 0
+        self.counters["groups_dropped"] += n_dropped
         self.step += 1
         t2 = time.perf_counter()
-        samples = ro.rewards[:, :-1]
-        gen_tokens = sum(len(s) for group in ro.sample_ids for s in group)
-        train_rows = {"grao": len(ro.prompt_ids) * (cfg.group_size + 1), "grpo": len(ro.prompt_ids) * cfg.group_size,
-                      "sft": len(ro.prompt_ids), "dpo": 2 * len(ro.prompt_ids)}[cfg.method]
+        # global rollout statistics (every rank's shard; one process: its own)
+        shards = _all_gather({"rewards": kept.rewards.tolist(), "lens": [len(s) for g in ro.sample_ids for s in g],
+                              "gen_seconds": ro.gen_seconds, "errors": ro.reward_errors[:3]})
+        rewards = torch.tensor([row for sh in shards for row in sh["rewards"]], dtype=torch.float32)
+        lens = [n for sh in shards for n in sh["lens"]]
+        gen_seconds = max(sh["gen_seconds"] for sh in shards)
+        errors = [e for sh in shards for e in sh["errors"]]
+        nan = math.nan
+        samples = rewards[:, :-1] if rewards.numel() else None
+        train_rows = {"grao": int(n_kept) * (cfg.group_size + 1), "grpo": int(n_kept) * cfg.group_size,
+                      "sft": int(n_kept), "dpo": 2 * int(n_kept)}[cfg.method]
         metrics = {
             "step": self.step, "method": cfg.method,
-            "reward_mean": float(samples.mean()), "reward_std": float(samples.std(unbiased=False)),
-            "reward_reference": float(ro.rewards[:, -1].mean()),
-            "frac_groups_all_equal": float((samples.amax(-1) == samples.amin(-1)).float().mean()),
-            **stats,
+            "reward_mean": float(samples.mean()) if samples is not None else nan,
+            "reward_std": float(samples.std(unbiased=False)) if samples is not None else nan,
+            "reward_reference": float(rewards[:, -1].mean()) if samples is not None else nan,
+            "frac_groups_all_equal": (float((samples.amax(-1) == samples.amin(-1)).float().mean())
+                                      if samples is not None else nan),
+            **({"loss": nan} if not stats else stats),
             "grad_norm": grad_norm, "lr": lr,
-            "completion_len_mean": gen_tokens / max(1, samples.numel()),
-            "completion_len_max": max(len(s) for group in ro.sample_ids for s in group),
-            "gen_tokens_per_s": gen_tokens / max(ro.gen_seconds, 1e-9),
+            "skipped": reason is not None,
+            "skipped_nonfinite": int(reason == "skipped_nonfinite"),
+            "skipped_all_dropped": int(reason == "skipped_all_dropped"),
+            "groups_dropped": n_dropped,
+            **{f"total_{k}": v for k, v in self.counters.items()},
+            "completion_len_mean": sum(lens) / max(1, len(lens)),
+            "completion_len_max": max(lens),
+            "gen_tokens_per_s": sum(lens) / max(gen_seconds, 1e-9),
             "train_rows": train_rows,
-            "step_seconds": t2 - t0, "gen_seconds": ro.gen_seconds, "update_seconds": t2 - t1,
+            "step_seconds": t2 - t0, "gen_seconds": gen_seconds, "update_seconds": t2 - t1,
             "peak_memory_mb": peak_memory_bytes(self.device) / 2 ** 20,
             "sample": f"{ro.prompt_texts[0]!s}{ro.sample_texts[0][0]}",
         }
+        if self.world_size > 1:
+            metrics["world_size"] = self.world_size
+        if errors:
+            metrics["reward_errors"] = errors[:3]
+        if cfg.max_consecutive_skips and self._consecutive_skips >= cfg.max_consecutive_skips:
+            raise RuntimeError(f"{self._consecutive_skips} steps in a row made no update (last: {reason}; "
+                               f"reward errors: {errors[:1]}); stopping (max_consecutive_skips="
+                               f"{cfg.max_consecutive_skips})")
         return metrics
+
+    def _reduce_stats(self, local: dict[str, float], weight: float) -> dict[str, float]:
+        """Global step statistics from each rank's local means: the loss weighted by the rank's loss scale,
+        the other statistics by its share of the kept prompts; GRAO's component shares recomputed."""
+        keys = sorted(set().union(*_all_gather(sorted(local))))
+        vals = [local.get(k, 0.0) * (self._loss_scale if k == "loss" or k.startswith("loss_") else weight)
+                for k in keys]
+        out = dict(zip(keys, _all_reduce_sum(vals, self.device)))
+        parts = [f"loss_{k}" for k in COMPONENTS]
+        if all(k in out for k in parts):
+            total = sum(abs(out[k]) for k in parts) or 1.0
+            for k in COMPONENTS:
+                out[f"share_{k}"] = abs(out[f"loss_{k}"]) / total
+        return out
 
     @torch.no_grad()
     def evaluate(self, records: list[dict] | None = None, *, model=None, limit: int | None = None,
@@ -756,35 +1130,58 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": rng, "config": _plain(dataclasses.asdict(self.config)),
-                "format": 1}
+                "counters": dict(self.counters), "format": 1}
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-XXXXXXXX atomically (temp dir, fsync, rename); prune old ones."""
+        """Write checkpoints/step-XXXXXXXX atomically (temp dir, fsync, rename); prune old ones.
+
+        A process killed at any point leaves the previous checkpoints complete: the new one only appears
+        under its final name once every file is written and fsynced; pruning renames a checkpoint away
+        before deleting it. With several processes rank 0 writes and the others wait for it."""
         root = self.output_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save(self.state_dict(), tmp / STATE_FILE)
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
-            trash = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-        if self.config.save_total_limit and self.config.save_total_limit > 0:
-            for old in checkpoint_dirs(self.output_dir)[:-self.config.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".tmp-{final.name}-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            _fault_point("save_weights", self.step)
+            torch.save(self.state_dict(), tmp / STATE_FILE)
+            _fsync_tree(tmp)
+            _fault_point("save_state", self.step)
+            if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
+                trash = root / f".old-{final.name}-{os.getpid()}"
+                os.rename(final, trash)  # a kill right here is repaired by recover_interrupted_saves
+                os.rename(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(root)
+            if self.config.save_total_limit and self.config.save_total_limit > 0:
+                for old in checkpoint_dirs(self.output_dir)[:-self.config.save_total_limit]:
+                    trash = root / f".old-{old.name}-{os.getpid()}-pruned"
+                    os.rename(old, trash)  # never leave a half-deleted directory under a checkpoint's name
+                    shutil.rmtree(trash, ignore_errors=True)
+        if self.world_size > 1:
+            _dist().barrier()
         return final
 
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        """Restore optimizer, scheduler, sampler, RNG and step from ``path/trainer_state.pt``.
+
+        Loaded with ``torch.load(weights_only=True)``: tensors and plain containers only. A file holding any
+        other pickled object (which could run code when unpickled) is refused with a ValueError."""
+        import pickle
+        try:
+            state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"refusing to load {path / STATE_FILE}: it holds objects other than tensors and plain "
+                             f"containers (loaded with torch.load(weights_only=True), which never runs pickled "
+                             f"code). Details: {str(exc).splitlines()[0]}") from None
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError(f"{path / STATE_FILE} is not a grao trainer state (expected a dict with 'optimizer')")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -793,10 +1190,10 @@ class Trainer:
         random.setstate(_as_tuple(state["rng"]["python"]))
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        root = path.parent
-        for stale in root.iterdir():  # leftovers of an interrupted save
-            if stale.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(stale, ignore_errors=True)
+        for k, v in (state.get("counters") or {}).items():
+            self.counters[k] = int(v)
+        if self.is_main:
+            recover_interrupted_saves(path.parent.parent)  # leftovers of an interrupted save
 
     # ---------------------------------------------------------------------------------------------- loop
     def _metrics_path(self) -> Path:
@@ -820,6 +1217,8 @@ class Trainer:
         self.history = kept
 
     def _log(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
         with open(self._metrics_path(), "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
             fh.flush()
@@ -843,23 +1242,25 @@ class Trainer:
     def train(self, *, callback: Callable[[dict], None] | None = None) -> list[dict]:
         """Run until ``config.steps``; returns the metrics history (one dict per step)."""
         cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume_from is not None:
-            self._restore_history()
-        else:
-            self._metrics_path().write_text("", encoding="utf-8")
-        with open(self.output_dir / "config.json", "w", encoding="utf-8") as fh:
-            json.dump(_plain(dataclasses.asdict(cfg)), fh, indent=1)
-        self._open_tensorboard()
+        main = self.is_main  # with several processes rank 0 logs, plots and writes checkpoints
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                self._restore_history()
+            else:
+                self._metrics_path().write_text("", encoding="utf-8")
+            with open(self.output_dir / "config.json", "w", encoding="utf-8") as fh:
+                json.dump(_plain(dataclasses.asdict(cfg)), fh, indent=1)
+            self._open_tensorboard()
         bar = None
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", dynamic_ncols=True,
                        file=sys.stderr)
         try:
             while self.step < cfg.steps:
                 metrics = self.train_step()
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                if main and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     metrics["eval_reward"] = self.evaluate(limit=cfg.eval_prompts)["reward_mean"]
                 self.history.append(metrics)
                 self._log(metrics)
@@ -875,7 +1276,7 @@ class Trainer:
                 bar.close()
             if self._tb is not None:
                 self._tb.close()
-        if cfg.plot:
+        if cfg.plot and main:
             plot_history({cfg.method: [self.history]}, self.output_dir / "curves.png")
         return self.history
 
@@ -889,12 +1290,14 @@ def _as_tuple(x):
 
 
 def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average; missing values (None, NaN: skipped steps) are left out of the windows."""
     out, acc = [], []
     for v in values:
-        acc.append(v)
+        acc.append(v if v is not None and math.isfinite(v) else None)
         if len(acc) > window:
             acc.pop(0)
-        out.append(sum(acc) / len(acc))
+        good = [a for a in acc if a is not None]
+        out.append(sum(good) / len(good) if good else math.nan)
     return out
 
 
@@ -946,9 +1349,9 @@ def ascii_curve(history: list[dict], key: str = "reward_mean", *, points: int = 
     if not vals:
         return ""
     idx = sorted({round(i * (len(vals) - 1) / max(1, points - 1)) for i in range(points)})
-    top = max(max(vals), 1e-9)
+    top = max([v for v in vals if math.isfinite(v)] + [1e-9])
     lines = [f"{'step':>6} | {key:>11} | "]
     for i in idx:
-        bar = "#" * int(round(40 * max(vals[i], 0) / top))
+        bar = "#" * int(round(40 * max(vals[i], 0) / top)) if math.isfinite(vals[i]) else ""
         lines.append(f"{history[i]['step']:>6} | {vals[i]:>11.3f} | {bar}")
     return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Several processes: a 2-process CPU run (gloo) under ``accelerate launch`` equals a 1-process run.
+
+Both runs train the demo model for two steps on the same global batch of P = 5 prompts (shards of 3 and
+2 prompts: unequal, so a per-rank mean averaged over ranks, as plain DDP averaging would give, differs
+from the global mean). With ``sample_seeding="prompt"`` every prompt is sampled with a seed of
+(seed, step, prompt index), so the rollouts are identical; each rank's loss is scaled by its share of
+the global number of prompts and the gradients are summed over ranks, so the updates are the same up
+to float rounding. The 2-process run also uses row micro-batches (the surrogate-gradient path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grao.trainer import shard_range
+
+REPO = Path(__file__).resolve().parents[1]
+LR = 1e-3
+ARGS = ["--model", "demo", "--task", "copy", "--task-train-size", "16", "--task-eval-size", "2", "--steps", "2",
+        "--prompts-per-step", "5", "--group-size", "3", "--max-new-tokens", "4", "--lr", str(LR),
+        "--save-every", "1", "--reward", "char_f1", "--sample-seeding", "prompt", "--loss-impl", "eager", "--seed", "3",
+        "--no-progress", "--no-plot", "--tensorboard", "false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher(nproc: int) -> list[str]:
+    port = str(_free_port())
+    if importlib.util.find_spec("accelerate") is not None:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", port, "-m", "grao.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+            "-m", "grao.cli"]
+
+
+def _popen(cmd: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _weights(out: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(out / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shard_range_covers_every_prompt_once():
+    for total in range(1, 12):
+        for world in range(1, total + 1):
+            spans = [shard_range(total, r, world) for r in range(world)]
+            assert [i for a, b in spans for i in range(a, b)] == list(range(total))
+            assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
+
+
+def test_two_processes_match_one_process(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    p2 = _popen(_launcher(2) + ["train", *ARGS, "--output-dir", str(two), "--micro-batch-rows", "3"])
+    p1 = _popen([sys.executable, "-m", "grao.cli", "train", *ARGS, "--output-dir", str(one)])
+    out1 = p1.communicate(timeout=240)[0].decode()
+    out2 = p2.communicate(timeout=240)[0].decode()
+    assert p1.returncode == 0, out1[-3000:]
+    assert p2.returncode == 0, out2[-3000:]
+
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["step"] for r in m2] == [1, 2] and all(r["world_size"] == 2 for r in m2)
+    assert "world_size" not in m1[0]
+    for a, b in zip(m1, m2):
+        # identical rollouts: the same samples give exactly the same rewards and lengths
+        assert (a["sample"], a["reward_mean"], a["reward_std"], a["completion_len_mean"]) == \
+               (b["sample"], b["reward_mean"], b["reward_std"], b["completion_len_mean"])
+        assert a["train_rows"] == b["train_rows"] == 5 * 4
+        # the same loss and gradient norm: the global normalisation (a plain per-rank mean would differ)
+        for key in ("loss", "loss_exploration", "loss_imitation", "loss_alignment", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert m1[0]["reward_std"] > 0  # the rewards vary, so identical reward statistics mean identical samples
+
+    from grao import demo
+    init = demo.build_model(demo.build_tokenizer(), seed=3).state_dict()
+    for step in (1, 2):
+        w1, w2 = _weights(one, step), _weights(two, step)
+        assert w1.keys() == w2.keys()
+        moved = max((w1[k] - init[k]).abs().max().item() for k in w1)
+        assert moved > 0.5 * LR  # the step did update the weights
+        for k in w1:
+            # first Adam steps move each weight by about +-lr; rounding flips only near-zero gradients
+            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0.05 * LR, msg=f"step {step}: {k}")
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_is_refused(monkeypatch, var):
+    import torch.distributed as dist
+
+    from grao.trainer import init_distributed
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(NotImplementedError, match=f"{var} is set: .*FSDP / DeepSpeed / Megatron sharding is not"):
+        init_distributed(want_cuda=False)
+    assert not dist.is_initialized()

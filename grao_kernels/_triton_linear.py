@@ -62,6 +62,31 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _scaled_logit_tile(h_rows, w_rows, b_ptr, cols64, row_ok, col_ok, D, stride_hd, stride_wd, stride_b, inv_temp,
+                       HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z = (h @ W^T + b) / T for one [BLOCK_N, BLOCK_V] tile: h_rows [BLOCK_N] and w_rows [BLOCK_V] are
+    row pointers (int64 offsets), the product is accumulated over D in BLOCK_D slices in fp32. Shared
+    by the forward and backward kernels so both form (and round) the logits the same way."""
+    offs_d0 = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + offs_d0
+        d_ok = offs_d < D
+        d64 = offs_d.to(tl.int64)
+        h = tl.load(h_rows[:, None] + (d64 * stride_hd)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_rows[:, None] + (d64 * stride_wd)[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr,
     max_part_ptr, logs_part_ptr, ent_part_ptr, tgt_ptr,
@@ -90,30 +115,14 @@ def _logprob_fwd_kernel(
         s = tl.zeros((BLOCK_N,), tl.float32)
         t = tl.zeros((BLOCK_N,), tl.float32)
         tgt = tl.zeros((BLOCK_N,), tl.float32)
-        offs_d0 = tl.arange(0, BLOCK_D)
         h_rows = h_ptr + rows64 * stride_hn  # [BLOCK_N] row pointers, int64 offsets
         for v0 in range(v_start, v_stop, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             col_ok = offs_v < v_stop
             cols64 = offs_v.to(tl.int64)
             w_rows = w_ptr + cols64 * stride_wv
-            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + offs_d0
-                d_ok = offs_d < D
-                d64 = offs_d.to(tl.int64)
-                h = tl.load(h_rows[:, None] + (d64 * stride_hd)[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                            other=0.0)
-                w = tl.load(w_rows[:, None] + (d64 * stride_wd)[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                            other=0.0)
-                if DOT_FP32:
-                    h = h.to(tl.float32)
-                    w = w.to(tl.float32)
-                acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-            if HAS_BIAS:
-                b = tl.load(b_ptr + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)
-                acc = acc + b[None, :]
-            z = acc * inv_temp
+            z = _scaled_logit_tile(h_rows, w_rows, b_ptr, cols64, row_ok, col_ok, D, stride_hd, stride_wd, stride_b,
+                                   inv_temp, HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
             z = tl.where(col_ok[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             alpha = tl.exp(m - m_new)
@@ -305,23 +314,8 @@ def _logprob_bwd_kernel(
         offs_d0 = tl.arange(0, BLOCK_D)
         h_rows = h_ptr + rows64 * stride_hn  # [BLOCK_N] row pointers, int64 offsets
         w_rows = w_ptr + cols64 * stride_wv
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + offs_d0
-            d_ok = offs_d < D
-            d64 = offs_d.to(tl.int64)
-            h = tl.load(h_rows[:, None] + (d64 * stride_hd)[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            w = tl.load(w_rows[:, None] + (d64 * stride_wd)[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)
-            acc = acc + b[None, :]
-        z = acc * inv_temp
+        z = _scaled_logit_tile(h_rows, w_rows, b_ptr, cols64, row_ok, col_ok, D, stride_hd, stride_wd, stride_b,
+                               inv_temp, HAS_BIAS, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         p = tl.exp((z - row_max[:, None]) - log_sum[:, None])
         labels32 = tl.where(valid, labels, -1).to(tl.int32)  # in [0, V) or -1
         onehot = (labels32[:, None] == offs_v[None, :]).to(tl.float32)

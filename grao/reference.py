@@ -53,6 +53,11 @@ def group_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, reference_in_s
     """
     check_rewards(rewards)
     eps = check_grao_hyper(0.0, 0.0, eps, 1.0)[2]
+    return _group_advantages(rewards, eps, reference_in_stats)
+
+
+def _group_advantages(rewards: torch.Tensor, eps: float, reference_in_stats: bool) -> torch.Tensor:
+    """group_advantages on already validated inputs."""
     compute = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(compute)
     stats = r if reference_in_stats else r[:, :-1]
@@ -73,8 +78,8 @@ def grao_objective(seq_logp: torch.Tensor, advantages: torch.Tensor, *, beta: fl
     prompts, width = advantages.shape
     group = width - 1
     adv = advantages.detach().to(seq_logp.dtype)
-    l = seq_logp.view(prompts, width)
-    l_samples, l_ref = l[:, :group], l[:, group]
+    loglik = seq_logp.view(prompts, width)
+    l_samples, l_ref = loglik[:, :group], loglik[:, group]
     a_samples, a_ref = adv[:, :group], adv[:, group]
     exploration = -(a_samples * l_samples).sum(-1).div(group).mean()
     imitation = -(beta * a_ref * l_ref).mean()
@@ -116,10 +121,14 @@ def grao_loss(token_logp: torch.Tensor, labels: torch.Tensor, rewards: torch.Ten
                              f"{list(token_logp.shape)} and labels {list(labels.shape)}")
     beta, lam, eps, _ = check_grao_hyper(beta, lam, eps, 1.0)
     _, group = check_rewards(rewards, token_logp.shape[0], device=token_logp.device)
-    mask = labels != ignore_index
-    counts = mask.sum(-1)
+    counts = (labels != ignore_index).sum(-1)
     check_reference_rows(counts, group + 1)
-    adv = group_advantages(rewards, eps=eps, reference_in_stats=reference_in_stats)
+    return _grao_loss(token_logp, labels != ignore_index, counts, rewards, beta, lam, eps, reference_in_stats)
+
+
+def _grao_loss(token_logp, mask, counts, rewards, beta, lam, eps, reference_in_stats):
+    """grao_loss on already validated inputs; mask [B, T] bool, counts [B] = mask.sum(-1)."""
+    adv = _group_advantages(rewards, eps, reference_in_stats)
     seq = sequence_logprob(token_logp, mask)
     loss, parts = grao_objective(seq, adv.to(seq.dtype), beta=beta, lam=lam)
     stats = dict(parts)
@@ -158,11 +167,10 @@ def linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         stats: {"exploration", "imitation", "alignment"} scalars summing to loss, "advantages" [P, G+1],
         "seq_logp" [B] (detached), "num_tokens" [B].
     """
-    layout, _, _, (beta, lam, eps, temperature) = check_linear_grao_inputs(
+    layout, _, counts, (beta, lam, eps, temperature) = check_linear_grao_inputs(
         hidden, weight, labels, rewards, bias, beta=beta, lam=lam, eps=eps, temperature=temperature,
         ignore_index=ignore_index)
     h = hidden.reshape(layout.rows, layout.seq_len, layout.hidden_dim)
     logits = linear_logits(h, weight, bias, temperature)
     token_logp = token_logprobs(logits, labels, ignore_index=ignore_index)
-    return grao_loss(token_logp, labels, rewards, beta=beta, lam=lam, eps=eps, ignore_index=ignore_index,
-                     reference_in_stats=reference_in_stats)
+    return _grao_loss(token_logp, labels != ignore_index, counts, rewards, beta, lam, eps, reference_in_stats)

@@ -39,10 +39,10 @@ def _spec_numpy(hidden, weight, labels, rewards, beta, lam, eps, bias=None, temp
         mu = r[p].mean()
         sigma = math.sqrt(((r[p] - mu) ** 2).mean())
         adv = np.zeros(width) if np.all(r[p] == r[p][0]) else (r[p] - mu) / (sigma + eps)
-        l = seq[p * width:(p + 1) * width]
+        ll = seq[p * width:(p + 1) * width]
         objective = 0.0
         for i in range(group):
-            objective += adv[i] * l[i] + beta * adv[group] * l[group] + lam * adv[i] * (l[i] - l[group])
+            objective += adv[i] * ll[i] + beta * adv[group] * ll[group] + lam * adv[i] * (ll[i] - ll[group])
         loss -= objective / group
     return loss / prompts
 
@@ -224,24 +224,24 @@ def _good():
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda h, w, l, r: (h, w, l[:5], r), "labels must be"),
-    (lambda h, w, l, r: (h, w, l, torch.cat([r, r[:, :1]], 1)), r"B = P \* \(G\+1\).*not a multiple"),
-    (lambda h, w, l, r: (h, w, l, r[:1]), r"B = P \* \(G\+1\)"),
-    (lambda h, w, l, r: (h, w, l.masked_fill(l == 3, 9), r), r"labels must be in \[0, V\)"),
-    (lambda h, w, l, r: (h, w, l.masked_fill(torch.arange(6).unsqueeze(1) == 0, -7), r), "labels must be in"),
-    (lambda h, w, l, r: (h, w, l.masked_fill(torch.arange(6).unsqueeze(1) == 2, IGN), r), "reference answer of prompt 0"),
-    (lambda h, w, l, r: (h, w, l, r.masked_fill(r > 0, float("nan"))), "rewards must be finite"),
-    (lambda h, w, l, r: (h, w, l, r.masked_fill(r > 0, float("inf"))), "rewards must be finite"),
-    (lambda h, w, l, r: (h, w.double(), l, r), "weight dtype must equal hidden dtype"),
-    (lambda h, w, l, r: (h, w.to("meta"), l, r), "weight must be on hidden's device"),
-    (lambda h, w, l, r: (h, w[:, :3], l, r), "last dimension must equal weight's D"),
-    (lambda h, w, l, r: (h, w, l, r.reshape(-1, 1)), r"G >= 1"),
-    (lambda h, w, l, r: (h, w, l, r.flatten()), r"rewards must be \[P, G\+1\]"),
-    (lambda h, w, l, r: (h, w, l.float(), r), "labels must be an integer tensor"),
-    (lambda h, w, l, r: (h.long(), w, l, r), "hidden must be a floating-point tensor"),
-    (lambda h, w, l, r: (h, w, l, r.long()), "rewards must be a floating-point tensor"),
-    (lambda h, w, l, r: (h[0], w, l, r), "hidden .N, D. must have N = labels.numel"),
-    (lambda h, w, l, r: (h, w.unsqueeze(0), l, r), r"weight must be \[V, D\]"),
+    (lambda h, w, lab, r: (h, w, lab[:5], r), "labels must be"),
+    (lambda h, w, lab, r: (h, w, lab, torch.cat([r, r[:, :1]], 1)), r"B = P \* \(G\+1\).*not a multiple"),
+    (lambda h, w, lab, r: (h, w, lab, r[:1]), r"B = P \* \(G\+1\)"),
+    (lambda h, w, lab, r: (h, w, lab.masked_fill(lab == 3, 9), r), r"labels must be in \[0, V\)"),
+    (lambda h, w, lab, r: (h, w, lab.masked_fill(torch.arange(6).unsqueeze(1) == 0, -7), r), "labels must be in"),
+    (lambda h, w, lab, r: (h, w, lab.masked_fill(torch.arange(6).unsqueeze(1) == 2, IGN), r), "reference answer of prompt 0"),
+    (lambda h, w, lab, r: (h, w, lab, r.masked_fill(r > 0, float("nan"))), "rewards must be finite"),
+    (lambda h, w, lab, r: (h, w, lab, r.masked_fill(r > 0, float("inf"))), "rewards must be finite"),
+    (lambda h, w, lab, r: (h, w.double(), lab, r), "weight dtype must equal hidden dtype"),
+    (lambda h, w, lab, r: (h, w.to("meta"), lab, r), "weight must be on hidden's device"),
+    (lambda h, w, lab, r: (h, w[:, :3], lab, r), "last dimension must equal weight's D"),
+    (lambda h, w, lab, r: (h, w, lab, r.reshape(-1, 1)), r"G >= 1"),
+    (lambda h, w, lab, r: (h, w, lab, r.flatten()), r"rewards must be \[P, G\+1\]"),
+    (lambda h, w, lab, r: (h, w, lab.float(), r), "labels must be an integer tensor"),
+    (lambda h, w, lab, r: (h.long(), w, lab, r), "hidden must be a floating-point tensor"),
+    (lambda h, w, lab, r: (h, w, lab, r.long()), "rewards must be a floating-point tensor"),
+    (lambda h, w, lab, r: (h[0], w, lab, r), "hidden .N, D. must have N = labels.numel"),
+    (lambda h, w, lab, r: (h, w.unsqueeze(0), lab, r), r"weight must be \[V, D\]"),
 ])
 def test_validation_errors(mutate, match):
     hidden, weight, labels, rewards = mutate(*_good())

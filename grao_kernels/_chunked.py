@@ -80,7 +80,8 @@ def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     g_bias = torch.zeros(vocab, dtype=acc, device=device) if want_grads and need_bias and bias is not None else None
     weight_t = weight.t()
     bias_acc = bias.to(acc) if bias is not None else None
-    step = min(chunk_rows(vocab, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes), active.numel())
+    step = max(1, min(chunk_rows(vocab, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes),
+                       active.numel()))  # no active token: the loop below runs zero times
     # One logits buffer for all chunks (the matmul writes into it): no allocator churn, and never
     # two chunks' logits alive at once.
     logits_buf = torch.empty(step, vocab, dtype=acc, device=device) if dtype == acc else None

@@ -134,6 +134,17 @@ def test_confident_token_keeps_precision(backend):
     assert_no_worse_than_eager(f_grad, e_grad, ref_grad, atol=0, rtol=1e-3 * 1e-4, what="dweight")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprob_backward_with_all_zero_gradient(backend):
+    # Regression: a chunk of rows whose incoming gradient is all zero (e.g. GRPO micro-batch whose
+    # advantages are all 0) left the chunked backward with no active token and a zero loop step.
+    hidden, weight, _, labels, _ = make_problem(1, 3, 4, 8, 19, dtype=torch.float32)
+    hidden.requires_grad_()
+    logp = grao_kernels.linear_logprob(hidden, weight, labels, backend=backend)
+    (logp * 0.0).sum().backward()
+    assert torch.count_nonzero(hidden.grad) == 0
+
+
 def test_float64_matches_eager_to_rounding():
     hidden, weight, bias, labels, rewards = make_problem(2, 4, 6, 9, 31, dtype=torch.float64, bias=True)
     fused, eager, _ = run_three_ways(grao_kernels.fused_linear_grao_loss, grao.linear_grao_loss, hidden, weight,

@@ -57,8 +57,29 @@ for SFT and DAPO-style GRPO -- and the gradients are summed over ranks with ``al
 step (after all micro-batches), so the update equals the single-process update on the global batch.
 This is data parallelism with a replicated model (the lm_head included), what DDP does; the trainer
 does not wrap the model in ``DistributedDataParallel`` because its loss never calls the model's
-forward (it runs the backbone and applies the fused loss to the lm_head weight). FSDP / DeepSpeed
-sharding is not supported: a run launched with them is refused with an error.
+forward (it runs the backbone and applies the fused loss to the lm_head weight).
+
+``parallel="fsdp"`` (or ``accelerate launch`` with ``--use_fsdp --fsdp_version 2``) shards the model
+with FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder layer (the model's
+``_no_split_modules`` classes) is its own FSDP unit and the root (the causal LM: embeddings, final
+norm and the lm_head, tied or not) is the last one, kept unsharded between its forward and backward.
+Generation goes through the model's forward, which all-gathers each unit in turn. The loss path calls
+:func:`_fsdp_hidden_and_head` registered with ``register_fsdp_forward_method``: it runs the backbone
+and returns its last hidden states together with the *full* lm_head weight (the root's all-gathered
+parameter, so the fused loss sees the whole [V, D] matrix and a tied embedding stays tied); its
+gradient is reduce-scattered by FSDP like every other one. (Fused-loss integrations that meet an FSDP2
+lm_head often gather the DTensor weight with ``full_tensor()``; with the default ``grad_placements``
+(Replicate) its backward keeps only the rank's own shard of the rank's own gradient, with no sum over
+ranks -- right for a frozen head, not for a trained one -- so the root's own all-gather is used here.)
+The calls are kept in lock-step: rollouts run with every unit gathered once (no collective per token,
+``synced_gpus=False``, ranks may make different numbers of ``generate`` calls), and a rank with fewer
+micro-batches than another adds zero-loss passes. FSDP2 averages the reduce-scattered gradients over ranks, so under FSDP each rank's
+loss scale (its share of the global normaliser) is multiplied by the world size: the update equals
+the one-process update. Gradient norm and clipping run on the local shards (squared norms summed over
+ranks). Checkpoints gather a full state dict to rank 0 (``get_model_state_dict(full_state_dict=True,
+cpu_offload=True)``) and ``save_pretrained`` it, so they are ordinary HF checkpoints; resuming an FSDP
+run is not supported (refused with an error). A DPO / KL reference model stays replicated. FSDP1 and
+DeepSpeed / Megatron launches are refused with an error.
 """
 
 from __future__ import annotations
@@ -110,6 +131,7 @@ LOSS_IMPLS = ("auto", "fused", "eager")
 SCHEDULES = ("constant", "linear", "cosine")
 REWARD_ERROR_MODES = ("raise", "drop_group")
 SAMPLE_SEEDINGS = ("auto", "batch", "prompt")
+PARALLELS = ("ddp", "fsdp")
 FAULT_ENV = "GRAO_FAULT_INJECT"  # test hook, see _fault_point
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.pt"
@@ -170,6 +192,7 @@ class TrainConfig:
     disable_dropout: bool = True
     seed: int = 0
     device: str = "auto"
+    parallel: str = "ddp"  # several processes: ddp (replicated model, gradient all-reduce) | fsdp (FSDP2 fully_shard); ACCELERATE_USE_FSDP with FSDP_VERSION=2 picks fsdp
     # output
     output_dir: str = "runs/grao"
     save_every: int = 0  # 0: only at the end
@@ -194,6 +217,7 @@ class TrainConfig:
              f"on_reward_error must be one of {REWARD_ERROR_MODES}, got {self.on_reward_error!r}")
         need(self.sample_seeding in SAMPLE_SEEDINGS,
              f"sample_seeding must be one of {SAMPLE_SEEDINGS}, got {self.sample_seeding!r}")
+        need(self.parallel in PARALLELS, f"parallel must be one of {PARALLELS}, got {self.parallel!r}")
         need(self.max_consecutive_skips >= 0, f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
         for name in ("group_size", "prompts_per_step", "max_new_tokens", "steps"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -462,22 +486,41 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
+def _env_true(var: str) -> bool:
+    return os.environ.get(var, "").lower() in ("1", "true", "yes")
+
+
+def launch_parallel(parallel: str = "ddp") -> str:
+    """The parallelism of a multi-process run: ``parallel`` ("ddp" | "fsdp"), or "fsdp" when
+    ``accelerate launch`` was asked for FSDP version 2 (``ACCELERATE_USE_FSDP`` with ``FSDP_VERSION=2``).
+    FSDP version 1, DeepSpeed and Megatron launches are refused with NotImplementedError."""
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM"):
+        if _env_true(var):
+            raise NotImplementedError(f"{var} is set: the grao trainer supports DDP-style data parallelism "
+                                      f"(replicated model, gradient all-reduce) and FSDP2; DeepSpeed / Megatron "
+                                      f"sharding is not supported. Launch with accelerate launch --multi_gpu, "
+                                      f"--use_fsdp --fsdp_version 2, or torchrun.")
+    if _env_true("ACCELERATE_USE_FSDP"):
+        version = os.environ.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise NotImplementedError(f"ACCELERATE_USE_FSDP is set with FSDP_VERSION={version}: the grao trainer "
+                                      f"supports FSDP2 (fully_shard) only; launch with --fsdp_version 2 (or "
+                                      f"--parallel fsdp), or use plain data parallelism (--multi_gpu)")
+        return "fsdp"
+    return parallel
+
+
 def init_distributed(want_cuda: bool) -> tuple[int, int, int]:
     """(rank, world_size, local_rank). With ``WORLD_SIZE > 1`` in the environment (set by ``torchrun`` and
     ``accelerate launch``) the default process group is created (NCCL for CUDA, else gloo) unless the
-    caller already did it. FSDP / DeepSpeed / Megatron launches are refused: the trainer replicates the model."""
+    caller already did it. FSDP1 / DeepSpeed / Megatron launches are refused (:func:`launch_parallel`)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() <= 1:
             return 0, 1, 0
     elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, 0
-    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM"):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
-            raise NotImplementedError(f"{var} is set: the grao trainer is data parallel with a replicated model "
-                                      f"(DDP-style gradient all-reduce); FSDP / DeepSpeed / Megatron sharding is not "
-                                      f"supported. Launch with plain multi-process data parallelism "
-                                      f"(accelerate launch --multi_gpu, or torchrun).")
+    launch_parallel()
     if not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if want_cuda:
@@ -533,6 +576,45 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], bucket_bytes: int = 25 *
                 bucket, size = [], 0
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a HF model (its ``_no_split_modules`` classes, else ``base_model.layers``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found:
+        found = list(getattr(model.base_model, "layers", None) or [])
+    if not found:
+        raise TypeError(f"{type(model).__name__}: no decoder layers found to shard (neither _no_split_modules "
+                        f"nor base_model.layers)")
+    return found
+
+
+def _fsdp_hidden_and_head(model, input_ids, attention_mask):
+    """FSDP forward method of the root: (last hidden states [N, L, D], lm_head weight [V, D], bias [V] or
+    None). Called through the root's FSDP hooks (``register_fsdp_forward_method``), so the weight returned is
+    the root's all-gathered full parameter and its gradient is reduce-scattered with the others."""
+    backbone, head = lm_parts(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden, head.weight, getattr(head, "bias", None)
+
+
+def fsdp_shard(model, device: torch.device, world_size: int):
+    """Shard ``model`` in place with FSDP2: every decoder layer, then the root (embeddings, norm, lm_head).
+
+    The root is not resharded after its forward (it would be all-gathered again at once for the backward
+    and for the loss that uses the lm_head weight after the forward)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    lm_parts(model)  # a clear error before sharding for a model the loss path cannot use
+    mesh = init_device_mesh(device.type, (world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    import types
+    model.grao_hidden_and_head = types.MethodType(_fsdp_hidden_and_head, model)
+    register_fsdp_forward_method(model, "grao_hidden_and_head")
+    return model
+
+
 def _all_reduce_sum(values: list[float], device) -> list[float]:
     """Sum a few floats over ranks (float64); the values themselves in one process."""
     dist = _dist()
@@ -550,6 +632,11 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and gradients); a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def prompt_seed(seed: int, step: int, index: int) -> int:
@@ -591,6 +678,12 @@ class Trainer:
                                  f"({self.world_size}): each rank samples its share of the step's prompts")
         self.sample_seeding = (("prompt" if self.world_size > 1 else "batch") if cfg.sample_seeding == "auto"
                                else cfg.sample_seeding)
+        # FSDP2 sharding with several processes (one process: nothing to shard, the plain path)
+        self.fsdp = self.world_size > 1 and launch_parallel(cfg.parallel) == "fsdp"
+        if self.fsdp and cfg.resume:
+            raise NotImplementedError("resume=True is not supported with FSDP (parallel='fsdp'): the checkpoints "
+                                      "hold full model weights (an ordinary HF checkpoint, usable as --model) but "
+                                      "not the sharded optimizer state")
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
@@ -638,7 +731,10 @@ class Trainer:
             raise ValueError("dpo_rejected='column' needs a 'rejected' column in the data")
         self.ref_model = None
         if cfg.method == "dpo" or (cfg.method == "grpo" and cfg.grpo_kl_beta > 0):
-            self.ref_model = self._build_reference_model()
+            self.ref_model = self._build_reference_model()  # replicated, also under FSDP
+        self._arch_name = type(self.model).__name__
+        if self.fsdp:
+            fsdp_shard(self.model, self.device, self.world_size)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -648,6 +744,8 @@ class Trainer:
         self.counters = {"skipped_nonfinite": 0, "skipped_all_dropped": 0, "groups_dropped": 0}  # run totals
         self._consecutive_skips = 0
         self._loss_scale = 1.0  # this rank's share of the step's loss normaliser (1 in one process)
+        self._fsdp_gathered = False  # inside _fsdp_full_params
+        self._fsdp_passes = 0  # FSDP forward passes of this step's update (see _fsdp_pad_passes)
         self.history: list[dict] = []
         self._tb = None
         if self.resume_from is not None:
@@ -697,6 +795,9 @@ class Trainer:
         int per prompt): one call per prompt under ``torch.manual_seed(seed)`` in a forked RNG, so a
         prompt's samples depend on its seed only (not on the batch or the process it landed in).
         """
+        if self.fsdp and (model is None or model is self.model) and not self._fsdp_gathered:
+            with self._fsdp_full_params():  # no collective inside: ranks may make different numbers of calls
+                return self.generate(prompt_ids, num_samples, temperature=temperature, model=model, seeds=seeds)
         if seeds is not None:
             devices = [self.device] if self.device.type == "cuda" else []
             out = []
@@ -718,6 +819,8 @@ class Trainer:
         model.eval()
         kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_return_sequences=num_samples,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+        if self.fsdp:  # parameters are gathered (_fsdp_full_params): no lock-step between ranks is needed
+            kwargs["synced_gpus"] = False
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=cfg.top_p, top_k=0)
         else:
@@ -735,6 +838,60 @@ class Trainer:
                 group.append(row[:cut])  # rows that ended early are padded after their EOS
             result.append(group)
         return result
+
+    @contextlib.contextmanager
+    def _fsdp_full_params(self):
+        """FSDP: all-gather every unit once and keep them unsharded (no resharding after forward) for the
+        duration, e.g. a rollout, whose number of forward calls differs between ranks; reshard after."""
+        from torch.distributed.fsdp import FSDPModule
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.unshard()
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+        self._fsdp_gathered = True
+        try:
+            yield
+        finally:
+            self._fsdp_gathered = False
+            for m in units:
+                m.set_reshard_after_forward(m is not self.model, recurse=False)  # the root stays gathered
+                m.reshard()
+
+    def _update_passes(self, ro: Rollout) -> int:
+        """Forward/backward passes of the policy that :meth:`accumulate_gradients` makes on ``ro``."""
+        cfg, P = self.config, len(ro.prompt_ids)
+        if P == 0:
+            return 0
+        mb = cfg.micro_batch_rows
+        if cfg.method == "grao":
+            width = cfg.group_size + 1
+            if mb <= 0 or mb % width == 0:
+                return len(chunk_ranges(P, (mb // width) if mb > 0 else P))
+            return len(chunk_ranges(P * width, mb))
+        if cfg.method == "grpo":
+            return len(chunk_ranges(P * cfg.group_size, mb))
+        if cfg.method == "sft":
+            return len(chunk_ranges(P, mb))
+        return len(chunk_ranges(P, P if mb <= 0 else max(1, mb // 2)))
+
+    def _fsdp_max_passes(self, ro: Rollout) -> int:
+        """FSDP: the most passes any rank makes this step, agreed on before the first one (each pass
+        all-gathers and reduce-scatters, so every rank must make the same number)."""
+        import torch.distributed as dist
+        n = torch.tensor([self._update_passes(ro)], device=self.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        return int(n)
+
+    def _fsdp_pad_passes(self, target: int) -> None:
+        """FSDP: a rank with fewer micro-batches than ``target`` (or no kept prompt) adds passes of zero loss."""
+        if self._fsdp_passes > target:
+            raise RuntimeError(f"FSDP: {self._fsdp_passes} forward passes made, {target} planned")
+        eos = self.tokenizer.eos_token_id
+        for _ in range(target - self._fsdp_passes):
+            hidden, weight, bias, _ = self.hidden_states([([eos], [eos])])
+            zero = hidden.sum() * 0.0 + weight.sum() * 0.0 + (bias.sum() * 0.0 if bias is not None else 0.0)
+            zero.backward()
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -834,8 +991,12 @@ class Trainer:
         ids, mask, labels = pad_rows(rows, self.tokenizer.pad_token_id)
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
         with self._autocast():
-            hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        weight, bias = head.weight, getattr(head, "bias", None)
+            if self.fsdp and model is self.model:  # through the root's FSDP hooks: the full lm_head weight
+                hidden, weight, bias = model.grao_hidden_and_head(ids, mask)
+                self._fsdp_passes += 1
+            else:
+                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                weight, bias = head.weight, getattr(head, "bias", None)
         if self.autocast_dtype is not None:
             hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
             bias = bias.to(self.autocast_dtype) if bias is not None else None
@@ -982,6 +1143,9 @@ class Trainer:
 
     def _grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.fsdp:  # sharded (DTensor) gradients: squared norms of the local shards, summed over ranks
+            sq = sum((float(_local(g).double().pow(2).sum()) for g in grads), 0.0)
+            return torch.tensor(math.sqrt(_all_reduce_sum([sq], self.device)[0]), device=self.device)
         if not grads:
             return torch.zeros((), device=self.device)
         return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
@@ -1013,10 +1177,17 @@ class Trainer:
             # gradients is the gradient of the loss over the global batch
             self._loss_scale = self._normaliser(kept) / norm if self.world_size > 1 else 1.0
             try:
+                if self.fsdp:  # FSDP2 reduce-scatters the gradients itself and averages them over the ranks
+                    self._loss_scale *= self.world_size
+                    self._fsdp_passes, target = 0, self._fsdp_max_passes(kept)
                 local = self.accumulate_gradients(kept) if kept.prompt_ids else {}
+                if self.fsdp:
+                    self._fsdp_pad_passes(target)
+                    self._loss_scale /= self.world_size  # the logged loss: this rank's share of the global one
                 if self.world_size > 1:
                     stats = self._reduce_stats(local, len(kept.prompt_ids) / n_kept)
-                    _all_reduce_grads([p for p in self.model.parameters() if p.requires_grad])
+                    if not self.fsdp:
+                        _all_reduce_grads([p for p in self.model.parameters() if p.requires_grad])
                 else:
                     stats = local
             finally:
@@ -1031,7 +1202,12 @@ class Trainer:
             else:
                 if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                     params = [p for p in self.model.parameters() if p.grad is not None]
-                    torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm_t)
+                    if self.fsdp:  # DTensor gradients: scale the local shards (torch's clip_coef formula)
+                        coef = min(1.0, cfg.max_grad_norm / (grad_norm + 1e-6))
+                        for p in params:
+                            _local(p.grad).mul_(coef)
+                    else:
+                        torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm_t)
                 self.optimizer.step()
                 self.scheduler.step()
         if reason is not None:
@@ -1080,6 +1256,7 @@ class Trainer:
         }
         if self.world_size > 1:
             metrics["world_size"] = self.world_size
+            metrics["parallel"] = "fsdp" if self.fsdp else "ddp"
         if errors:
             metrics["reward_errors"] = errors[:3]
         if cfg.max_consecutive_skips and self._consecutive_skips >= cfg.max_consecutive_skips:
@@ -1128,7 +1305,10 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        # FSDP: the optimizer state is sharded (DTensors) and not saved; such a state is refused on resume
+        optim = {} if self.fsdp else self.optimizer.state_dict()
+        return {"step": self.step, "optimizer": optim, "parallel": "fsdp" if self.fsdp else "ddp",
+                "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": rng, "config": _plain(dataclasses.asdict(self.config)),
                 "counters": dict(self.counters), "format": 1}
 
@@ -1140,12 +1320,28 @@ class Trainer:
         before deleting it. With several processes rank 0 writes and the others wait for it."""
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        full = None
+        if self.fsdp:  # every rank takes part in gathering the full weights; rank 0 receives them on the CPU
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                             cpu_offload=True))
+            # a tied lm_head appears under both names in the state dict: keep the first, as save_pretrained does
+            named = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+            full = {k: v for k, v in full.items() if k in named}
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
             tmp = root / f".tmp-{final.name}-{os.getpid()}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.model.save_pretrained(tmp)
+            if full is None:
+                self.model.save_pretrained(tmp)
+            else:
+                self.model.save_pretrained(tmp, state_dict=full)
+                # fully_shard swaps the class for FSDP<Name>: keep the architecture an ordinary HF name
+                cfg_path = tmp / "config.json"
+                conf = json.loads(cfg_path.read_text(encoding="utf-8"))
+                conf["architectures"] = [self._arch_name]
+                cfg_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             self.tokenizer.save_pretrained(tmp)
             _fault_point("save_weights", self.step)
             torch.save(self.state_dict(), tmp / STATE_FILE)
@@ -1182,6 +1378,10 @@ class Trainer:
                              f"code). Details: {str(exc).splitlines()[0]}") from None
         if not isinstance(state, dict) or "optimizer" not in state:
             raise ValueError(f"{path / STATE_FILE} is not a grao trainer state (expected a dict with 'optimizer')")
+        if state.get("parallel") == "fsdp":
+            raise NotImplementedError(f"{path} was written by an FSDP run, which does not save the (sharded) "
+                                      f"optimizer state: resuming it is not supported. Start a new run from its "
+                                      f"weights instead (--model {path}).")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -1260,7 +1460,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 metrics = self.train_step()
-                if main and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                if (main or self.fsdp) and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     metrics["eval_reward"] = self.evaluate(limit=cfg.eval_prompts)["reward_mean"]
                 self.history.append(metrics)
                 self._log(metrics)

@@ -6,6 +6,12 @@ from the global mean). With ``sample_seeding="prompt"`` every prompt is sampled 
 (seed, step, prompt index), so the rollouts are identical; each rank's loss is scaled by its share of
 the global number of prompts and the gradients are summed over ranks, so the updates are the same up
 to float rounding. The 2-process run also uses row micro-batches (the surrogate-gradient path).
+
+The FSDP2 run (``accelerate launch --use_fsdp --fsdp_version 2``, or ``--parallel fsdp`` under torchrun)
+shards the decoder layers and the root (tied embedding / lm_head) over the 2 ranks; FSDP reduce-scatters
+the gradients itself (averaged, compensated by the trainer), the loss gets the full lm_head weight, and
+the checkpoint is gathered into an ordinary HF checkpoint: the same comparison holds. Its row
+micro-batches give the ranks 4 and 3 passes, so the rank with fewer adds a zero-loss pass.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launcher(nproc: int) -> list[str]:
+def _launcher(nproc: int, fsdp: bool = False) -> list[str]:
+    """accelerate launch (FSDP2: --use_fsdp --fsdp_version 2), else torchrun (FSDP2: the --parallel flag)."""
     port = str(_free_port())
     if importlib.util.find_spec("accelerate") is not None:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+        mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
+        return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(nproc),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", port, "-m", "grao.cli"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
@@ -70,17 +78,28 @@ def test_shard_range_covers_every_prompt_once():
             assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
 
 
-def test_two_processes_match_one_process(tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
-    p2 = _popen(_launcher(2) + ["train", *ARGS, "--output-dir", str(two), "--micro-batch-rows", "3"])
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """Output dir of the 1-process reference run (shared by the DDP and FSDP comparisons)."""
+    one = tmp_path_factory.mktemp("one")
     p1 = _popen([sys.executable, "-m", "grao.cli", "train", *ARGS, "--output-dir", str(one)])
     out1 = p1.communicate(timeout=240)[0].decode()
-    out2 = p2.communicate(timeout=240)[0].decode()
     assert p1.returncode == 0, out1[-3000:]
+    return one
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, one_process, parallel):
+    two, one = tmp_path / "two", one_process
+    fsdp = parallel == "fsdp"
+    extra = ["--parallel", "fsdp"] if fsdp and importlib.util.find_spec("accelerate") is None else []
+    p2 = _popen(_launcher(2, fsdp) + ["train", *ARGS, "--output-dir", str(two), "--micro-batch-rows", "3", *extra])
+    out2 = p2.communicate(timeout=240)[0].decode()
     assert p2.returncode == 0, out2[-3000:]
 
     m1, m2 = _metrics(one), _metrics(two)
     assert [r["step"] for r in m2] == [1, 2] and all(r["world_size"] == 2 for r in m2)
+    assert all(r["parallel"] == parallel for r in m2)  # FSDP2 really sharded the model
     assert "world_size" not in m1[0]
     for a, b in zip(m1, m2):
         # identical rollouts: the same samples give exactly the same rewards and lengths
@@ -96,7 +115,10 @@ def test_two_processes_match_one_process(tmp_path):
     init = demo.build_model(demo.build_tokenizer(), seed=3).state_dict()
     for step in (1, 2):
         w1, w2 = _weights(one, step), _weights(two, step)
-        assert w1.keys() == w2.keys()
+        assert w1.keys() == w2.keys()  # FSDP: full (gathered) weights, the tied lm_head saved once
+        conf1, conf2 = (json.loads((d / "checkpoints" / f"step-{step:08d}" / "config.json").read_text())
+                        for d in (one, two))
+        assert conf2["architectures"] == conf1["architectures"] == ["LlamaForCausalLM"]
         moved = max((w1[k] - init[k]).abs().max().item() for k in w1)
         assert moved > 0.5 * LR  # the step did update the weights
         for k in w1:
@@ -104,8 +126,12 @@ def test_two_processes_match_one_process(tmp_path):
             torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0.05 * LR, msg=f"step {step}: {k}")
 
 
-@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_sharded_launch_is_refused(monkeypatch, var):
+@pytest.mark.parametrize("var,version,match", [
+    ("ACCELERATE_USE_FSDP", "1", "ACCELERATE_USE_FSDP is set with FSDP_VERSION=1: .*FSDP2 .* only"),
+    ("ACCELERATE_USE_FSDP", None, "ACCELERATE_USE_FSDP is set with FSDP_VERSION=1: .*FSDP2 .* only"),
+    ("ACCELERATE_USE_DEEPSPEED", None, "ACCELERATE_USE_DEEPSPEED is set: .*DeepSpeed / Megatron sharding is not"),
+])
+def test_unsupported_sharded_launch_is_refused(monkeypatch, var, version, match):
     import torch.distributed as dist
 
     from grao.trainer import init_distributed
@@ -113,6 +139,22 @@ def test_sharded_launch_is_refused(monkeypatch, var):
         pytest.skip("a process group is already up in this process")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv(var, "true")
-    with pytest.raises(NotImplementedError, match=f"{var} is set: .*FSDP / DeepSpeed / Megatron sharding is not"):
+    if version is None:
+        monkeypatch.delenv("FSDP_VERSION", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_VERSION", version)
+    with pytest.raises(NotImplementedError, match=match):
         init_distributed(want_cuda=False)
     assert not dist.is_initialized()
+
+
+def test_launch_parallel_reads_accelerate_fsdp2(monkeypatch):
+    from grao.trainer import TrainConfig, launch_parallel
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM", "FSDP_VERSION"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_parallel("ddp") == "ddp" and launch_parallel("fsdp") == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert launch_parallel("ddp") == "fsdp"
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        TrainConfig(parallel="zero3").validate()

@@ -207,6 +207,18 @@ def test_no_grad_forward_and_double_backward_scaling():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_through_one_loss_is_refused(backend):
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32)
+    hidden.requires_grad_()
+    loss, _ = grao_kernels.fused_linear_grao_loss(hidden, weight, labels, rewards, backend=backend)
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+    torch.testing.assert_close(hidden.grad, first)  # nothing was accumulated twice
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_group_advantages_public(backend):
     rewards = torch.randn(5, 9)
     rewards[1] = 0.25  # a constant group: exactly zero

@@ -19,13 +19,18 @@ from grao._checks import (GRAOInputError, check_grao_hyper, check_linear_grao_in
 COMPONENTS = ("exploration", "imitation", "alignment")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where log-probs, advantages and gradient sums are computed: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
     """Per-token log-probability of ``labels`` under ``softmax(logits)``.
 
     logits [..., V] any float dtype; labels [...] int. Returns the log-probs in float32 (float64
     if the logits are float64) with the shape of ``labels`` and 0 where labels == ignore_index.
     """
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(logits.dtype)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(logits.to(compute), dim=-1)
@@ -58,7 +63,7 @@ def group_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, reference_in_s
 
 def _group_advantages(rewards: torch.Tensor, eps: float, reference_in_stats: bool) -> torch.Tensor:
     """group_advantages on already validated inputs."""
-    compute = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(rewards.dtype)
     r = rewards.to(compute)
     stats = r if reference_in_stats else r[:, :-1]
     mu = stats.mean(-1, keepdim=True)

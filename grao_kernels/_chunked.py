@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from grao.reference import compute_dtype
+
 #: fp32 logits budget per chunk: one [rows x V] buffer holds the logits and is turned into
 #: probabilities and then gradients in place (return_entropy adds a second, transient one).
 #: 48 MiB gives ~390-token chunks at V = 32000: large enough that the matmuls run near full
@@ -64,7 +66,7 @@ def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     n, dim = hidden.shape
     vocab = weight.shape[0]
     dtype = hidden.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = compute_dtype(dtype)
     device = hidden.device
     mask = labels != ignore_index
     active = mask.nonzero().flatten()

@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from grao._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
-from grao.reference import grao_objective, grao_row_grad, group_advantages as eager_group_advantages
-from grao.reference import COMPONENTS, sequence_logprob
+from grao.reference import (COMPONENTS, _group_advantages, compute_dtype, grao_objective, grao_row_grad,
+                            sequence_logprob)
 from grao_kernels._backend import resolve_backend
 from grao_kernels._chunked import chunked_linear_logprob
 
@@ -40,7 +40,7 @@ def group_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, reference_in_s
     if resolve_backend(backend, rewards) == "triton":
         from grao_kernels._triton_grao import triton_group_advantages
         return triton_group_advantages(rewards, eps=eps, reference_in_stats=reference_in_stats)
-    return eager_group_advantages(rewards, eps=eps, reference_in_stats=reference_in_stats)
+    return _group_advantages(rewards, eps, reference_in_stats)  # validated above
 
 
 def _triton_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
@@ -69,9 +69,7 @@ def _chunked_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, referen
     """Advantages and per-token gradients first (grao.reference), then one chunked pass for log-probs and grads."""
     mask = labels != ignore_index
     counts = mask.sum(-1)
-    adv = eager_group_advantages(rewards, eps=eps, reference_in_stats=reference_in_stats)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    adv_acc = adv.to(acc)
+    adv_acc = _group_advantages(rewards, eps, reference_in_stats).to(compute_dtype(hidden.dtype))
     grad_logp = (grao_row_grad(adv_acc, counts, beta=beta, lam=lam).unsqueeze(1) * mask).reshape(-1)
     out = chunked_linear_logprob(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
                                  ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
@@ -80,10 +78,6 @@ def _chunked_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, referen
     loss, parts = grao_objective(seq_logp, adv_acc, beta=beta, lam=lam)
     components = torch.stack([parts[name] for name in COMPONENTS])
     return loss, components, adv_acc, seq_logp, counts, (out.grad_hidden, out.grad_weight, out.grad_bias)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # A torch.library custom op (fake implementation + autograd) so torch.compile(fullgraph=True)
@@ -104,8 +98,8 @@ def fused_linear_grao_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     run = _triton_pass if backend == "triton" else _chunked_pass
     loss, components, adv, seq_logp, counts, grads = run(hidden, weight, bias, labels, rewards, beta, lam, eps,
                                                           reference_in_stats, temperature, ignore_index, needs)
-    acc = _acc_dtype(hidden.dtype)
-    adv = adv.to(_acc_dtype(rewards.dtype))  # the reference's dtype for advantages
+    acc = compute_dtype(hidden.dtype)
+    adv = adv.to(compute_dtype(rewards.dtype))  # the reference's dtype for advantages
     dh, dw, db = (hidden.new_empty(0) if g is None else g for g in grads)
     return loss.to(acc), components.to(acc), adv, seq_logp.to(acc), counts.long(), dh, dw, db
 
@@ -113,10 +107,10 @@ def fused_linear_grao_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
 @fused_linear_grao_op.register_fake
 def _(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index,
       need_hidden, need_weight, need_bias, backend):
-    acc = _acc_dtype(hidden.dtype)
+    acc = compute_dtype(hidden.dtype)
     rows = labels.shape[0]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(3, dtype=acc),
-            rewards.new_empty(rewards.shape, dtype=_acc_dtype(rewards.dtype)), hidden.new_empty(rows, dtype=acc),
+            rewards.new_empty(rewards.shape, dtype=compute_dtype(rewards.dtype)), hidden.new_empty(rows, dtype=acc),
             labels.new_empty(rows, dtype=torch.int64),
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
@@ -146,13 +140,9 @@ def _autograd_backward(ctx, grad_loss, *_unused):
         raise RuntimeError("fused_linear_grao_loss: backward through the same loss twice is not supported "
                            "(its gradients are computed in the forward and handed over once); "
                            "call the loss again for a second backward")
-    grads, ctx.grads = ctx.grads, []
-    out = []
-    while grads:
-        g = grads.pop(0)
-        out.append(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype)))
-        del g
-    return tuple(out) + (None,) * 12
+    grads, ctx.grads = ctx.grads, []  # ctx lets go: after return the result holds the only reference
+    return tuple(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype))
+                 for g in grads) + (None,) * 12
 
 
 fused_linear_grao_op.register_autograd(_autograd_backward, setup_context=_setup_context)

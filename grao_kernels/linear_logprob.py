@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from grao._checks import check_linear_inputs, check_scalar
+from grao.reference import compute_dtype
 from grao_kernels._backend import resolve_backend
 from grao_kernels._chunked import chunked_linear_logprob
 
@@ -42,10 +43,6 @@ def _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature
     return out.grad_hidden, out.grad_weight, out.grad_bias
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
@@ -63,7 +60,7 @@ def linear_logprob_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: 
 
 @linear_logprob_forward_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, backend):
-    n, acc = hidden.shape[0], _acc_dtype(hidden.dtype)
+    n, acc = hidden.shape[0], compute_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty((2, n), dtype=acc),
             hidden.new_empty(n if return_entropy else 0, dtype=acc))
 

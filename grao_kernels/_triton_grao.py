@@ -18,15 +18,12 @@ a deterministic torch reduction afterwards (no float atomics).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from grao_kernels._backend import triton_interpreting
 
 
 @triton.jit
@@ -131,7 +128,7 @@ def _block_g(group: int) -> int:
 
 
 def _block_t(seq_len: int, block_g: int) -> int:
-    if _interpreting():
+    if triton_interpreting():
         return 8  # small, so the tests exercise several T slices and a ragged last one
     return max(16, min(triton.next_power_of_2(max(seq_len, 1)), 4096 // block_g))
 
@@ -150,7 +147,7 @@ def triton_group_advantages(rewards: torch.Tensor, *, eps: float, reference_in_s
     group = width - 1
     _group_advantages_kernel[(prompts,)](
         rewards, adv, group, rewards.stride(0), rewards.stride(1), float(eps),
-        REF_IN_STATS=bool(reference_in_stats), BLOCK_G=_block_g(group), num_warps=1 if _interpreting() else 4,
+        REF_IN_STATS=bool(reference_in_stats), BLOCK_G=_block_g(group), num_warps=1 if triton_interpreting() else 4,
     )
     return adv
 
@@ -198,7 +195,7 @@ def triton_grao_epilogue(token_logp: torch.Tensor, labels: torch.Tensor, rewards
         rewards.stride(0), rewards.stride(1),
         float(beta), float(lam), float(eps), int(ignore_index),
         REF_IN_STATS=bool(reference_in_stats), BLOCK_G=block_g, BLOCK_T=_block_t(seq_len, block_g),
-        num_warps=1 if _interpreting() else 4,
+        num_warps=1 if triton_interpreting() else 4,
     )
     components = parts.mean(0)
     return components, adv, seq, counts, grad

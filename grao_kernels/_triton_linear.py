@@ -42,18 +42,15 @@ Offsets are computed in int64 so N*D or V*D above 2**31 is fine.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from grao_kernels._backend import triton_interpreting
+
 # "ieee" (exact fp32, default: the tests hold fp32 results to 1e-5) or "tf32" (faster on GPU).
 FP32_DOT_PRECISION = "ieee"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +153,7 @@ def _logprob_fwd_kernel(
 def _fwd_config(dtype: torch.dtype) -> dict:
     # GPU tiles: the largest that compile for sm_90 without register spills (checked with ptxas under
     # triton 3.9; not timed on a GPU). Interpreter tiles are small so odd test shapes span several tiles.
-    if _interpreting():
+    if triton_interpreting():
         return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
     # BLOCK_D equals the backward's: the backward recomputes the logits and normalises them with
     # the forward's (max, log-sum); the same D slicing makes the recomputed logits round the same
@@ -167,7 +164,7 @@ def _fwd_config(dtype: torch.dtype) -> dict:
 
 
 def _bwd_config(dtype: torch.dtype) -> dict:
-    if _interpreting():
+    if triton_interpreting():
         return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "GROUP": 2, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
         return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16, "GROUP": 8, "num_warps": 8, "num_stages": 2}
@@ -176,9 +173,9 @@ def _bwd_config(dtype: torch.dtype) -> dict:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # input_precision only matters for fp32 operands; bf16/fp16 keep Triton's default ("tf32").
-    if dtype == torch.float32 or _interpreting():
-        return FP32_DOT_PRECISION if not _interpreting() else "ieee"
-    return "tf32"
+    if triton_interpreting():
+        return "ieee"
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
 
 
 def _num_sms(device: torch.device) -> int:
@@ -251,7 +248,7 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         n, d, v, cols_per_split, n_blocks,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_b, labels.stride(0),
         1.0 / float(temperature), int(ignore_index),
-        HAS_BIAS=bias is not None, NEED_ENTROPY=bool(return_entropy), DOT_FP32=_interpreting(),
+        HAS_BIAS=bias is not None, NEED_ENTROPY=bool(return_entropy), DOT_FP32=triton_interpreting(),
         PRECISION=_dot_precision(hidden.dtype),
         **cfg,
     )
@@ -394,7 +391,7 @@ def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
             bias.stride(0) if bias is not None else 0, labels.stride(0), lse.stride(1), grad_logp.stride(0),
             1.0 / float(temperature), int(ignore_index),
             HAS_BIAS=bias is not None, NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=need_bias,
-            DOT_FP32=_interpreting(), PRECISION=_dot_precision(hidden.dtype),
+            DOT_FP32=triton_interpreting(), PRECISION=_dot_precision(hidden.dtype),
             **cfg,
         )
     if dh is not None and hidden.dtype != f32:

@@ -7,7 +7,7 @@
 
 ``eval`` reports the paper's metrics with one greedy answer per prompt, each judged against the
 reference by the reward: RAS = fraction of prompts with R(o_after, y) > 0, NAG = fraction with
-R(o_after, y) > R(o_before, y) (GRAO_SPEC.md, "Evaluation metrics").
+R(o_after, y) > R(o_before, y) (docs/spec.md, "Evaluation metrics").
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def cmd_compare(args) -> int:
               f"random init per seed and samples the same number of completions per step. Mean ± sample std "
               f"over seeds. Held-out: {cfg.eval_prompts} unseen prompts, one greedy answer each; "
               f"RAS = share with R(o, y) > 0; NAG = share where the trained model's answer scores higher than "
-              f"the base model's (GRAO_SPEC.md).",
+              f"the base model's (docs/spec.md).",
               ""]
     (out / "table.md").write_text("\n".join(header + lines) + "\n", encoding="utf-8")
     with open(out / "results.json", "w", encoding="utf-8") as fh:

@@ -6,7 +6,7 @@ from a config with a seeded random init; the task generates (prompt, reference) 
 is checked exactly (e.g. ``"reverse 4831:"`` -> ``"1384"``). A randomly initialised model essentially
 never emits the exact answer (about V^-(n+1) per sample), so at the start every group of samples
 fails: GRPO's group-normalised advantages are all zero there, while GRAO still learns from the
-reference answer inside the group (GRAO_SPEC.md, "Advantages").
+reference answer inside the group (docs/spec.md, "Advantages").
 """
 
 from __future__ import annotations

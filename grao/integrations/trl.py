@@ -9,7 +9,7 @@ functions (plain callables, async callables, reward models) with their weights, 
    each prompt, the prompt's reference answer y (the dataset column ``reference``, or its
    aliases ``solution`` / ``chosen``) joins the group as row G+1; its reward R(y, y) comes from
    the same reward functions, called with the reference as the completion. The advantages are
-   GRAO's (GRAO_SPEC.md eq. 4, ``grao_kernels.group_advantages``: the reference is inside the
+   GRAO's (docs/spec.md eq. 4, ``grao_kernels.group_advantages``: the reference is inside the
    group statistics), not TRL's. Tensors are returned group-major, ``[P, G+1, ...]``, so that
    TRL's ``shuffle_sequence_dict`` / ``split_tensor_dict`` (in ``GRPOTrainer._prepare_inputs``)
    shuffle and split whole groups: GRAO's loss couples the samples of a prompt with its reference.
@@ -85,7 +85,7 @@ _UNSUPPORTED_KEYS = ("tool_mask", "pixel_values", "image_grid_thw", "pixel_atten
 
 @dataclass
 class GRAOConfig(GRPOConfig):
-    """``trl.GRPOConfig`` plus GRAO's hyper-parameters (GRAO_SPEC.md; paper defaults).
+    """``trl.GRPOConfig`` plus GRAO's hyper-parameters (docs/spec.md; paper defaults).
 
     Every ``GRPOConfig`` option keeps its meaning for sampling, rewards, optimisation and logging.
     ``beta`` stays TRL's KL coefficient and must be 0 (GRAO has no KL term); GRAO's imitation

@@ -190,9 +190,9 @@ def grao_equivalent_advantages(labels: torch.Tensor, rewards: torch.Tensor, *, b
 
     GRPO ("grpo" reduction, ratio = 1 on-policy): dLoss/dlogp(s, t) = -A_s / (|s| * B).
     GRAO (spec): dLoss/dlogp(s, t) = grao_row_grad_s = -c_s / (|s| * P). So A_s = -grao_row_grad_s * |s| * B.
-    The GRAO math is taken from ``grao.reference`` (not rewritten here).
+    The GRAO math is taken from ``grao_kernels.reference`` (not rewritten here).
     """
-    from grao.reference import grao_row_grad, group_advantages
+    from grao_kernels.reference import grao_row_grad, group_advantages
 
     counts = (labels != ignore_index).sum(-1)
     adv = group_advantages(rewards, eps=eps)

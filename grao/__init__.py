@@ -1,12 +1,12 @@
 """grao: the GRAO algorithm layer (eager reference, baselines, trainer and CLI).
 
-The eager reference is the spec (../shared/GRAO_SPEC.md) in code; the fused kernels in
-``grao_kernels`` share its signature and are tested against it.
+The eager reference is the spec (docs/spec.md) in code; it lives in ``grao_kernels.reference``
+(re-exported here and in ``grao.reference``), and the fused kernels in ``grao_kernels`` share its
+signature and are tested against it. ``grao`` depends on ``grao_kernels``, never the reverse.
 """
 
-from grao._checks import GRAOInputError
 from grao.baselines import dpo_loss, grpo_advantages, grpo_loss, sft_loss
-from grao.reference import (COMPONENTS, grao_loss, grao_objective, grao_row_grad, group_advantages,
+from grao.reference import (COMPONENTS, GRAOInputError, grao_loss, grao_objective, grao_row_grad, group_advantages,
                             linear_grao_loss, linear_logits, sequence_logprob, token_logprobs)
 
 __version__ = "0.1.0"

@@ -7,11 +7,19 @@ Public API:
                            ignore_index, reference_in_stats)
 
 CUDA tensors run Triton kernels; CPU (and float64) tensors run a chunked PyTorch path with the
-same semantics. Every path is tested against the eager reference in ``grao.reference``.
+same semantics. Every path is tested against the eager reference, ``grao_kernels.reference``
+(the spec, docs/spec.md, in code; ``grao`` re-exports it), whose ``linear_grao_loss`` has the
+same signature, return value and errors as ``fused_linear_grao_loss``. ``COMPONENTS`` names the
+loss parts in the returned stats; bad input raises ``GRAOInputError`` (also ``grao.GRAOInputError``).
+
+This package depends on torch, triton and the standard library only.
 """
 
-from grao._checks import GRAOInputError
+from grao_kernels import reference
+from grao_kernels._checks import GRAOInputError
 from grao_kernels.grao_loss import fused_linear_grao_loss, group_advantages
 from grao_kernels.linear_logprob import linear_logprob
+from grao_kernels.reference import COMPONENTS
 
-__all__ = ["linear_logprob", "group_advantages", "fused_linear_grao_loss", "GRAOInputError"]
+__all__ = ["linear_logprob", "group_advantages", "fused_linear_grao_loss", "GRAOInputError", "COMPONENTS",
+           "reference"]

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from grao._checks import GRAOInputError
+from grao_kernels._checks import GRAOInputError
 
 BACKENDS = ("auto", "triton", "torch")
 

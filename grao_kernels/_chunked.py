@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grao.reference import compute_dtype
+from grao_kernels.reference import compute_dtype
 
 #: fp32 logits budget per chunk: one [rows x V] buffer holds the logits and is turned into
 #: probabilities and then gradients in place (return_entropy adds a second, transient one).

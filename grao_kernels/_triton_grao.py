@@ -1,6 +1,6 @@
 """Triton kernels for the GRAO epilogue: advantages, sequence log-likelihoods, loss parts, dLoss/dlogp.
 
-The math is the spec's (``grao.reference``: group_advantages, sequence_logprob, grao_objective,
+The math is the spec's (``grao_kernels.reference``: group_advantages, sequence_logprob, grao_objective,
 grao_row_grad); the kernels are tested against those functions in float64.
 
 * :func:`triton_group_advantages` -> advantages [P, G+1] fp32.
@@ -134,7 +134,7 @@ def _block_t(seq_len: int, block_g: int) -> int:
 
 
 def triton_group_advantages(rewards: torch.Tensor, *, eps: float, reference_in_stats: bool) -> torch.Tensor:
-    """Group advantages (spec eq. 4; ``grao.reference.group_advantages``) on the device.
+    """Group advantages (spec eq. 4; ``grao_kernels.reference.group_advantages``) on the device.
 
     rewards [P, G+1] float (G sample rewards, then R(y, y)) -> advantages [P, G+1] fp32.
     """
@@ -161,7 +161,7 @@ def triton_grao_epilogue(token_logp: torch.Tensor, labels: torch.Tensor, rewards
         token_logp: [B, T] fp32 per-token log-probs (0 or anything at ignored positions).
         labels: [B, T] int; ``ignore_index`` marks prompt and padding positions.
         rewards: [P, G+1] float, B = P * (G+1): each prompt's G samples first, its reference last.
-        beta, lam, eps, reference_in_stats: as in ``grao.reference.grao_loss``.
+        beta, lam, eps, reference_in_stats: as in ``grao_kernels.reference.grao_loss``.
 
     Returns:
         components fp32 [3] (exploration, imitation, alignment; mean over prompts, summing to the loss),

@@ -1,7 +1,7 @@
 """fused_linear_grao_loss: the GRAO loss from hidden states without [tokens x vocab] logits.
 
 Because GRAO's advantages are constants, dLoss/dlogp of every token is known before the
-forward pass (GRAO_SPEC.md: -c_s / (|s| P)). So:
+forward pass (docs/spec.md: -c_s / (|s| P)). So:
 
 * CUDA (Triton): one log-prob kernel keeps the per-token log-sum-exp, one epilogue kernel
   turns log-probs and rewards into the loss, its three components and the per-token
@@ -9,11 +9,12 @@ forward pass (GRAO_SPEC.md: -c_s / (|s| P)). So:
   input gradients right away, in the same call.
 * CPU / float64 (chunked PyTorch): the gradients are computed in the same chunked pass as
   the log-probs (no recompute of the logits). The small per-prompt math is
-  grao.reference's, unchanged.
+  grao_kernels.reference's, unchanged.
 
 Either way autograd's backward only scales the stored gradients by the incoming gradient.
 
-Same signature, return value and errors as the eager ``grao.linear_grao_loss``.
+Same signature, return value and errors as the eager ``grao_kernels.reference.linear_grao_loss``
+(re-exported as ``grao.linear_grao_loss``).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ from typing import Optional
 
 import torch
 
-from grao._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
-from grao.reference import (COMPONENTS, _group_advantages, compute_dtype, grao_objective, grao_row_grad,
-                            sequence_logprob)
 from grao_kernels._backend import resolve_backend
+from grao_kernels._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
 from grao_kernels._chunked import chunked_linear_logprob
+from grao_kernels.reference import (COMPONENTS, _group_advantages, compute_dtype, grao_objective, grao_row_grad,
+                                    sequence_logprob)
 
 
 def group_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, reference_in_stats: bool = True,
                      backend: str = "auto") -> torch.Tensor:
-    """Intra-group advantages, rewards [P, G+1] -> [P, G+1] fp32 (see grao.reference.group_advantages).
+    """Intra-group advantages, rewards [P, G+1] -> [P, G+1] fp32 (see grao_kernels.reference.group_advantages).
 
     Triton kernel for CUDA tensors, the eager reference otherwise.
     """
@@ -66,7 +67,7 @@ def _triton_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, referenc
 
 def _chunked_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
                   ignore_index, needs):
-    """Advantages and per-token gradients first (grao.reference), then one chunked pass for log-probs and grads."""
+    """Advantages and per-token gradients first (the reference), then one chunked pass for log-probs and grads."""
     mask = labels != ignore_index
     counts = mask.sum(-1)
     adv_acc = _group_advantages(rewards, eps, reference_in_stats).to(compute_dtype(hidden.dtype))
@@ -160,7 +161,7 @@ def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         weight: [V, D] lm_head weight, same dtype and device as hidden. bias: optional [V].
         labels: [B, T] int, already shifted; ignore_index marks prompt and padding positions.
         rewards: [P, G+1] float with B = P * (G+1): R(o_1..o_G, y) then R(y, y) per prompt.
-        beta, lam, eps, temperature, reference_in_stats: as in ``grao.linear_grao_loss``.
+        beta, lam, eps, temperature, reference_in_stats: as in ``grao_kernels.reference.linear_grao_loss``.
         backend: "auto" (Triton on CUDA, chunked PyTorch on CPU), "triton" or "torch".
 
     Returns:

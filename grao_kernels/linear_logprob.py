@@ -3,7 +3,7 @@
 Forward keeps only the per-token log-sum-exp; backward recomputes the logit tiles. CUDA
 tensors run the Triton kernels (grao_kernels/_triton_linear.py), CPU and float64 tensors the
 chunked PyTorch path (grao_kernels/_chunked.py); both have the same semantics and are tested
-against ``grao.token_logprobs`` on full logits.
+against ``grao_kernels.reference.token_logprobs`` on full logits.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from grao._checks import check_linear_inputs, check_scalar
-from grao.reference import compute_dtype
 from grao_kernels._backend import resolve_backend
+from grao_kernels._checks import check_linear_inputs, check_scalar
 from grao_kernels._chunked import chunked_linear_logprob
+from grao_kernels.reference import compute_dtype
 
 
 def _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, return_entropy):

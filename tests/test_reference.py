@@ -16,7 +16,7 @@ IGN = -100
 
 
 def _spec_numpy(hidden, weight, labels, rewards, beta, lam, eps, bias=None, temperature=1.0):
-    """docs/spec.md written out with numpy loops in float64, independent of grao.reference."""
+    """docs/spec.md written out with numpy loops in float64, independent of grao_kernels.reference."""
     h, w, lab, r = (np.asarray(x, dtype=np.float64) if i != 2 else np.asarray(x) for i, x in
                     enumerate((hidden, weight, labels, rewards)))
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""The Triton kernels against float64 references (grao.reference), on CPU via the interpreter or on CUDA.
+"""The Triton kernels against float64 references (grao_kernels.reference), on CPU via the interpreter or on CUDA.
 
 The standard (tests/numerics.py): a kernel's result may be no further from the float64 result than the
 eager PyTorch path in the same dtype, plus 1e-5 absolute and relative (fp32, and half dtypes under the
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from grao.reference import grao_loss, grao_row_grad, group_advantages, linear_logits, token_logprobs
+from grao_kernels.reference import grao_loss, grao_row_grad, group_advantages, linear_logits, token_logprobs
 from tests.numerics import assert_no_worse_than_eager, max_err
 
 pytestmark = pytest.mark.triton

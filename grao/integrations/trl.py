@@ -64,9 +64,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("grao.integrations.trl needs TRL: pip install 'grao-kernels[trl]' "
                       "(tested with trl 1.0.0 - 1.16.0)") from exc
 
-from grao.reference import COMPONENTS
 from grao.trainer import lm_parts
-from grao_kernels import fused_linear_grao_loss, group_advantages
+from grao_kernels import COMPONENTS, fused_linear_grao_loss, group_advantages
 
 try:  # FSDP2 shards parameters as DTensors (torch >= 2.4: torch.distributed.tensor)
     from torch.distributed.tensor import DTensor

@@ -3,6 +3,9 @@
 Every public loss validates its inputs here, so the eager and fused paths raise the
 same errors for the same bad input. Messages name the argument and give the expected
 and actual shape / dtype / device. Nothing is broadcast, truncated or repaired.
+
+Part of the kernel package (which depends on torch and triton only);
+:class:`GRAOInputError` is exported by ``grao_kernels`` and re-exported by ``grao``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ def _checking_values() -> bool:
 
 
 class GRAOInputError(ValueError):
-    """Raised for inputs that do not match the documented layout (see GRAO_SPEC)."""
+    """Raised for inputs that do not match the documented layout (see docs/spec.md)."""
 
 
 def _fail(msg: str) -> None:

@@ -3,9 +3,11 @@
 Both runs train the demo model for two steps on the same global batch of P = 5 prompts (shards of 3 and
 2 prompts: unequal, so a per-rank mean averaged over ranks, as plain DDP averaging would give, differs
 from the global mean). With ``sample_seeding="prompt"`` every prompt is sampled with a seed of
-(seed, step, prompt index), so the rollouts are identical; each rank's loss is scaled by its share of
-the global number of prompts and the gradients are summed over ranks, so the updates are the same up
-to float rounding. The 2-process run also uses row micro-batches (the surrogate-gradient path).
+(seed, step, prompt index), so the rollouts are identical; the gradients are reduced by torch's
+DistributedDataParallel (``no_sync`` on every micro-batch but a rank's last; it averages over ranks) and
+each rank's loss is scaled by world size x its share of the global number of prompts, so the updates are
+the same up to float rounding. The 2-process run also uses row micro-batches (the surrogate-gradient
+path), which give the ranks different numbers of passes.
 
 The FSDP2 run (``accelerate launch --use_fsdp --fsdp_version 2``, or ``--parallel fsdp`` under torchrun)
 shards the decoder layers and the root (tied embedding / lm_head) over the 2 ranks; FSDP reduce-scatters

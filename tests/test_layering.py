@@ -93,3 +93,18 @@ def test_grao_reexports_the_same_objects():
     for name in ("token_logprobs", "sequence_logprob", "group_advantages", "grao_objective", "grao_row_grad",
                  "grao_loss", "linear_logits"):
         assert getattr(grao, name) is getattr(grao_kernels.reference, name), name
+
+
+PACKAGE_FILES = sorted(p for d in (ROOT / "grao", KERNELS_DIR) for p in d.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", PACKAGE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_each_module_says_what_it_owns_and_stays_small(path):
+    """A file does one job and says so in its first lines; past ~500 lines it is two files."""
+    source = path.read_text(encoding="utf-8")
+    if path.name == "__init__.py" and not source.strip():
+        return
+    doc = ast.get_docstring(ast.parse(source, str(path)))
+    assert doc and len(doc.split()) >= 4, f"{path}: no module docstring saying what it owns"
+    assert source.count("\n") <= 500, f"{path}: {source.count(chr(10))} lines (split it)"
+

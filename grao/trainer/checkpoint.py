@@ -1,0 +1,164 @@
+"""Checkpoints: atomic writes, pruning, repair after a kill, and the safe load of the trainer state.
+
+Checkpoints are written with ``save_pretrained`` into a temporary directory that is renamed atomically
+to ``checkpoints/step-XXXXXXXX``; the trainer state (optimizer, scheduler, RNG, data position, step) is a
+``torch.save`` of tensors and plain containers, loaded with ``weights_only=True`` (a state file holding
+any other pickled object is refused). Resuming continues from the newest complete checkpoint; an
+interrupted run leaves at most a ``.tmp-*`` directory, which is ignored and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+FAULT_ENV = "GRAO_FAULT_INJECT"  # test hook, see fault_point
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (renamed from their temp dir and holding the trainer state), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def recover_interrupted_saves(output_dir: str | os.PathLike) -> None:
+    """Repair what a process killed inside :func:`write_checkpoint` can leave behind.
+
+    A kill between the two renames of a re-save leaves the complete old checkpoint as
+    ``.old-step-N-<pid>`` and no ``step-N``: it is renamed back. Half-written ``.tmp-*`` directories and
+    ``.old-*`` ones that have a ``step-N`` again are removed.
+    """
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".old-"):
+            m = re.fullmatch(rf"\.old-({CHECKPOINT_PREFIX}\d+)-\d+", entry.name)  # not the "-pruned" ones
+            if m and not (root / m.group(1)).exists() and (entry / STATE_FILE).is_file():
+                os.rename(entry, root / m.group(1))
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def fault_point(name: str, step: int) -> None:
+    """Test hook: with ``GRAO_FAULT_INJECT="<name>@<step>"`` the process announces it on stdout and
+    sleeps, so that a test can SIGKILL it at exactly this point (e.g. inside a checkpoint write).
+    Points: ``save_weights`` (weights written to the temp dir, trainer state not yet), ``save_state``
+    (everything written, not yet renamed). Unset in normal runs: a dictionary lookup, nothing else."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{name}@{step}":
+        print(f"{FAULT_ENV}: paused at {name} step {step} pid {os.getpid()}", flush=True)
+        time.sleep(600)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def plain(value):
+    """Config values as YAML/JSON/weights_only-safe plain types (callables become their names)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    return getattr(value, "__name__", type(value).__name__)
+
+
+def write_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenizer, state: dict,
+                     full_state_dict: dict | None = None, architecture: str | None = None,
+                     keep_last: int = 0) -> Path:
+    """Write checkpoints/step-XXXXXXXX atomically (temp dir, fsync, rename); keep the ``keep_last`` newest.
+
+    A process killed at any point leaves the previous checkpoints complete: the new one only appears under
+    its final name once every file is written and fsynced; pruning renames a checkpoint away before deleting
+    it. ``full_state_dict`` (FSDP: the gathered weights) replaces the model's own state dict, and
+    ``architecture`` the class name written to config.json (fully_shard renames the class FSDP<Name>).
+    One process writes; with several, the caller makes the others wait."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if full_state_dict is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=full_state_dict)
+    if architecture is not None:
+        cfg_path = tmp / "config.json"
+        conf = json.loads(cfg_path.read_text(encoding="utf-8"))
+        conf["architectures"] = [architecture]
+        cfg_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(tmp)
+    fault_point("save_weights", step)
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    fault_point("save_state", step)
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
+        trash = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, trash)  # a kill right here is repaired by recover_interrupted_saves
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    if keep_last and keep_last > 0:
+        for old in checkpoint_dirs(output_dir)[:-keep_last]:
+            trash = root / f".old-{old.name}-{os.getpid()}-pruned"
+            os.rename(old, trash)  # never leave a half-deleted directory under a checkpoint's name
+            shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The trainer state saved in checkpoint ``path``, loaded with ``torch.load(weights_only=True)``: tensors
+    and plain containers only. A file holding any other pickled object (which could run code when
+    unpickled) is refused with a ValueError; a state written by an FSDP run (no optimizer state) with
+    NotImplementedError."""
+    try:
+        state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"refusing to load {path / STATE_FILE}: it holds objects other than tensors and plain "
+                         f"containers (loaded with torch.load(weights_only=True), which never runs pickled "
+                         f"code). Details: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise ValueError(f"{path / STATE_FILE} is not a grao trainer state (expected a dict with 'optimizer')")
+    if state.get("parallel") == "fsdp":
+        raise NotImplementedError(f"{path} was written by an FSDP run, which does not save the (sharded) "
+                                  f"optimizer state: resuming it is not supported. Start a new run from its "
+                                  f"weights instead (--model {path}).")
+    return state
+
+
+def as_tuple(x):
+    """Lists back to tuples, recursively (``random.setstate`` after a JSON-like round trip)."""
+    return tuple(as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

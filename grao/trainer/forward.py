@@ -1,0 +1,162 @@
+"""The policy's forward for the losses: padded rows -> last hidden states, lm_head weight and labels.
+
+:class:`PolicyForward` is the only place the update calls a model: it pads (prompt, completion) rows,
+runs the backbone under the step's autocast, and goes through the data-parallel wrapper when there is
+one (DDP: ``no_sync`` on every pass of an update but the rank's last; FSDP2: the root's registered
+forward method). Ranks must agree on the collectives, so an update declares its passes up front
+(:meth:`PolicyForward.update`) and a rank with fewer passes than planned adds zero-loss ones.
+
+:class:`LossBackend` is the choice between the fused ops of ``grao_kernels`` (never [tokens x vocab]
+logits) and the eager reference that materialises them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from grao.reference import linear_grao_loss, linear_logits, token_logprobs
+from grao.trainer.model import lm_parts, maybe_autocast
+
+IGNORE_INDEX = -100
+
+
+def _fused_module():
+    try:
+        import grao_kernels
+        return grao_kernels if hasattr(grao_kernels, "fused_linear_grao_loss") else None
+    except Exception:  # noqa: BLE001 - a half-built grao_kernels must not break the eager path
+        return None
+
+
+def resolve_loss_impl(loss_impl: str) -> str:
+    """"fused" or "eager"; "auto" picks fused when ``grao_kernels`` imports."""
+    if loss_impl == "eager":
+        return "eager"
+    mod = _fused_module()
+    if mod is None:
+        if loss_impl == "fused":
+            raise ImportError("loss_impl='fused' needs grao_kernels (fused_linear_grao_loss, linear_logprob); "
+                              "it did not import. Use loss_impl='eager' or 'auto'.")
+        warnings.warn("grao_kernels is not importable: falling back to the eager loss (full logits)", stacklevel=2)
+        return "eager"
+    return "fused"
+
+
+class LossBackend:
+    """The two per-chunk primitives every method needs, fused (no [.., V] logits) or eager."""
+
+    def __init__(self, impl: str):
+        self.impl = impl
+        if impl == "fused":
+            mod = _fused_module()
+            self._grao, self._logprob = mod.fused_linear_grao_loss, mod.linear_logprob
+        else:
+            self._grao, self._logprob = linear_grao_loss, None
+
+    def grao(self, hidden, weight, labels, rewards, *, bias, temperature, beta, lam, eps, reference_in_stats):
+        return self._grao(hidden, weight, labels, rewards, beta=beta, lam=lam, eps=eps, bias=bias,
+                          temperature=temperature, reference_in_stats=reference_in_stats)
+
+    def logprob(self, hidden, weight, labels, *, bias, temperature) -> torch.Tensor:
+        """Per-token log-probs [B, T] (fp32), 0 at ignored positions."""
+        if self._logprob is not None:
+            return self._logprob(hidden, weight, labels, bias=bias, temperature=temperature)
+        return token_logprobs(linear_logits(hidden, weight, bias, temperature), labels)
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, ignore_index: int = IGNORE_INDEX
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids [N, L], attention_mask [N, L], labels [N, L]) from (prompt, completion) rows.
+
+    labels are already shifted: labels[:, t] is the token that the hidden state at t predicts when it is a
+    completion token, else ignore_index; the last column is always ignore_index.
+    """
+    length = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), ignore_index, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = list(p) + list(c)
+        ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, :len(seq)] = 1
+        if c:
+            labels[i, len(p) - 1:len(seq) - 1] = torch.tensor(c, dtype=torch.long)
+    return ids, mask, labels
+
+
+class PolicyForward:
+    """Hidden states and per-token log-probs of (prompt, completion) rows for the policy (through its
+    DDP / FSDP wrapper when there is one) or for another model (a frozen DPO / KL reference).
+
+    Args:
+        model: the causal LM (FSDP2-sharded in place when ``fsdp``).
+        pad_id: the tokenizer's pad token id. device: where the rows go.
+        autocast_dtype: bf16 autocast of the forward, or None.
+        backend: the loss primitives (:class:`LossBackend`). loss_temperature: logits / this.
+        ddp: the ``DistributedDataParallel(HiddenAndHead(model))`` wrapper, or None.
+        fsdp: the model is FSDP2-sharded (``grao.trainer.distributed.fsdp_shard``).
+    """
+
+    def __init__(self, model, *, pad_id: int, device: torch.device, autocast_dtype, backend: LossBackend,
+                 loss_temperature: float = 1.0, ddp=None, fsdp: bool = False):
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.autocast_dtype, self.backend, self.loss_temperature = autocast_dtype, backend, loss_temperature
+        self.ddp, self.fsdp = ddp, fsdp
+        self.backbone, self.head = lm_parts(model)
+        self.passes = 0  # policy passes with gradient made in the current update
+        self.planned: int | None = None  # passes the current update makes (None: outside an update)
+
+    @contextlib.contextmanager
+    def update(self, planned: int):
+        """The policy passes of one update, agreed on before the first: DDP reduces the gradients in the
+        backward of pass ``planned`` (the earlier ones run under ``no_sync``); under FSDP every rank makes
+        ``planned`` passes, each with its collectives. Missing passes are made with zero loss at the end."""
+        self.passes, self.planned = 0, int(planned)
+        try:
+            yield
+            while self.passes < self.planned:  # a rank with fewer micro-batches, or none kept
+                hidden, weight, bias, _ = self.hidden_states([([self.pad_id], [self.pad_id])])
+                zero = hidden.sum() * 0.0 + weight.sum() * 0.0 + (bias.sum() * 0.0 if bias is not None else 0.0)
+                zero.backward()
+        finally:
+            self.planned = None
+
+    def _count_pass(self) -> bool:
+        """Count one policy pass with gradient; True when it is the update's last (DDP reduces in its backward)."""
+        if self.planned is not None and self.passes >= self.planned:
+            raise RuntimeError(f"data parallel update: pass {self.passes + 1} made, {self.planned} planned")
+        self.passes += 1
+        return self.planned is None or self.passes == self.planned
+
+    def hidden_states(self, rows: list[tuple[list[int], list[int]]], model=None):
+        """(hidden [N, L, D], weight [V, D], bias or None, labels [N, L]) for (prompt, completion) rows."""
+        model = model or self.model
+        policy = model is self.model
+        ids, mask, labels = (t.to(self.device) for t in pad_rows(rows, self.pad_id))
+        with maybe_autocast(self.device, self.autocast_dtype):
+            if policy and self.fsdp:  # through the root's FSDP hooks: the full lm_head weight
+                hidden, weight, bias = model.grao_hidden_and_head(ids, mask)
+                self._count_pass()
+            elif policy and self.ddp is not None and torch.is_grad_enabled():
+                last = self._count_pass()  # DDP arms its reduction in the forward: no_sync on all but the last
+                with contextlib.nullcontext() if last else self.ddp.no_sync():
+                    hidden, weight, bias = self.ddp(ids, mask)
+            else:
+                backbone, head = (self.backbone, self.head) if policy else lm_parts(model)
+                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                weight, bias = head.weight, getattr(head, "bias", None)
+        if self.autocast_dtype is not None:
+            hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
+            bias = bias.to(self.autocast_dtype) if bias is not None else None
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return hidden, weight, bias, labels
+
+    def token_logp(self, rows, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token log-probs [N, L] fp32, completion mask [N, L] bool) of rows."""
+        hidden, weight, bias, labels = self.hidden_states(rows, model)
+        logp = self.backend.logprob(hidden, weight, labels, bias=bias, temperature=self.loss_temperature)
+        return logp, labels != IGNORE_INDEX

@@ -1,0 +1,79 @@
+"""The policy model: loading it and its tokenizer, splitting it into backbone and lm_head, precision.
+
+The losses never call the causal LM's own forward (which would build [tokens x vocab] logits): they
+run the backbone to its last hidden states and hand those and the lm_head weight to the fused loss.
+:func:`lm_parts` finds the two pieces and refuses heads the fused loss cannot represent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from grao.trainer.config import TrainConfig
+
+
+def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone returning last_hidden_state, lm_head Linear) of a causal LM."""
+    head = model.get_output_embeddings()
+    backbone = getattr(model, "base_model", None)
+    if head is None or backbone is None or backbone is model or not hasattr(head, "weight"):
+        raise TypeError(f"{type(model).__name__}: need a causal LM with a base model and a linear lm_head "
+                        f"(get_output_embeddings)")
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        val = getattr(cfg, attr, None)
+        if val not in (None, 1, 1.0):
+            raise NotImplementedError(f"{type(model).__name__} transforms its logits ({attr}={val}); the fused "
+                                      f"hidden-state loss covers plain linear heads only")
+    return backbone, head
+
+
+def disable_dropout(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def load_model_and_tokenizer(config: TrainConfig, source: str | None = None, device=None):
+    """The policy and its tokenizer: the demo model, or ``AutoModelForCausalLM.from_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = source or config.model
+    if src == "demo":
+        from grao import demo
+        tok = demo.build_tokenizer()
+        model = demo.build_model(tok, seed=config.seed, attn_implementation=config.attn_implementation)
+    else:
+        # trust_remote_code: a hub repository's own Python code runs only when the user asked for it
+        remote = bool(config.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(config.tokenizer or src if source is None else src, trust_remote_code=remote)
+        kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=remote, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {src} has no eos token: completions could not end")
+    if device is not None:
+        model.to(device)
+    return model, tok
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA when ``config.bf16`` asks for it ("auto": when the card supports bf16), else None."""
+    if device.type != "cuda" or str(config.bf16).lower() not in ("true", "auto"):
+        return None
+    if str(config.bf16).lower() == "auto" and not torch.cuda.is_bf16_supported():
+        return None
+    return torch.bfloat16
+
+
+@contextlib.contextmanager
+def maybe_autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast(device, dtype)``, or nothing when dtype is None."""
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield

@@ -152,7 +152,8 @@ fused_linear_grao_op.register_autograd(_autograd_backward, setup_context=_setup_
 def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor,
                            *, beta: float = 0.5, lam: float = 0.6, eps: float = 1e-6,
                            bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                           reference_in_stats: bool = True, backend: str = "auto"
+                           reference_in_stats: bool = True, backend: str = "auto",
+                           cu_seqlens: torch.Tensor | None = None, row_index: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRAO loss from hidden states and the lm_head weight, never building [tokens x vocab] logits.
 
@@ -163,6 +164,9 @@ def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         rewards: [P, G+1] float with B = P * (G+1): R(o_1..o_G, y) then R(y, y) per prompt.
         beta, lam, eps, temperature, reference_in_stats: as in ``grao_kernels.reference.linear_grao_loss``.
         backend: "auto" (Triton on CUDA, chunked PyTorch on CPU), "triton" or "torch".
+        cu_seqlens / row_index: token-packed (padding-free) inputs (``grao_kernels.packed``): hidden [N, D],
+            labels [N] and either cu_seqlens [B+1] (row b's tokens are cu_seqlens[b]:cu_seqlens[b+1]) or
+            row_index [N] (each token's row); only completion tokens need to be fed.
 
     Returns:
         (loss, stats): loss a float32 scalar (float64 for float64 inputs) differentiable w.r.t.
@@ -173,6 +177,12 @@ def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     known then: the advantages are constants), so a forward without backward costs the backward's
     work too: wrap evaluation in ``torch.no_grad()``. Only ``loss`` carries a gradient.
     """
+    if cu_seqlens is not None or row_index is not None:
+        from grao_kernels.packed import fused_linear_grao_loss_packed
+        return fused_linear_grao_loss_packed(hidden, weight, labels, rewards, beta=beta, lam=lam, eps=eps, bias=bias,
+                                             temperature=temperature, ignore_index=ignore_index,
+                                             reference_in_stats=reference_in_stats, cu_seqlens=cu_seqlens,
+                                             row_index=row_index, backend=backend)
     layout, _, _, (beta, lam, eps, temperature) = check_linear_grao_inputs(
         hidden, weight, labels, rewards, bias, beta=beta, lam=lam, eps=eps, temperature=temperature,
         ignore_index=ignore_index)

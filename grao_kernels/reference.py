@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from grao_kernels._checks import (GRAOInputError, check_grao_hyper, check_linear_grao_inputs,
-                                  check_reference_rows, check_rewards, check_tensor)
+from grao_kernels._checks import (
+    GRAOInputError,
+    check_grao_hyper,
+    check_linear_grao_inputs,
+    check_reference_rows,
+    check_rewards,
+    check_tensor,
+)
+from grao_kernels._packed_checks import check_packed_grao_inputs
 
 COMPONENTS = ("exploration", "imitation", "alignment")
 
@@ -49,6 +56,16 @@ def sequence_logprob(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     counts = mask.sum(-1)
     total = (token_logp * mask).sum(-1)
     return total / counts.clamp(min=1).to(total.dtype)
+
+
+def packed_sequence_logprob(token_logp: torch.Tensor, mask: torch.Tensor, row_index: torch.Tensor,
+                            num_rows: int) -> torch.Tensor:
+    """:func:`sequence_logprob` for token-packed inputs: token_logp [N], mask [N] bool, row_index [N] (the row
+    of each token) -> [num_rows]; a row with no kept token gets 0."""
+    kept = mask.to(token_logp.dtype)
+    total = token_logp.new_zeros(num_rows).index_add(0, row_index, token_logp * kept)
+    counts = token_logp.new_zeros(num_rows).index_add(0, row_index, kept)
+    return total / counts.clamp(min=1)
 
 
 def group_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, reference_in_stats: bool = True) -> torch.Tensor:
@@ -136,8 +153,12 @@ def grao_loss(token_logp: torch.Tensor, labels: torch.Tensor, rewards: torch.Ten
 
 def _grao_loss(token_logp, mask, counts, rewards, beta, lam, eps, reference_in_stats):
     """grao_loss on already validated inputs; mask [B, T] bool, counts [B] = mask.sum(-1)."""
+    return _grao_from_seq(sequence_logprob(token_logp, mask), counts, rewards, beta, lam, eps, reference_in_stats)
+
+
+def _grao_from_seq(seq, counts, rewards, beta, lam, eps, reference_in_stats):
+    """(loss, stats) from sequence log-likelihoods seq [B] (differentiable) and token counts [B]."""
     adv = _group_advantages(rewards, eps, reference_in_stats)
-    seq = sequence_logprob(token_logp, mask)
     loss, parts = grao_objective(seq, adv.to(seq.dtype), beta=beta, lam=lam)
     stats = dict(parts)
     stats["advantages"] = adv
@@ -157,8 +178,9 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor, *,
                      beta: float = 0.5, lam: float = 0.6, eps: float = 1e-6, bias: torch.Tensor | None = None,
-                     temperature: float = 1.0, ignore_index: int = -100,
-                     reference_in_stats: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     temperature: float = 1.0, ignore_index: int = -100, reference_in_stats: bool = True,
+                     cu_seqlens: torch.Tensor | None = None, row_index: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRAO loss from hidden states and the lm_head, materialising the logits (the eager baseline).
 
     Args:
@@ -169,12 +191,23 @@ def linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         beta, lam: imitation and alignment weights (paper: 0.5, 0.6). eps: advantage epsilon.
         bias: optional [V]. temperature: logits are divided by it.
         reference_in_stats: advantage statistics over the G+1 group (default) or the G samples.
+        cu_seqlens / row_index: token-packed (padding-free) inputs: hidden [N, D], labels [N], and either
+            cu_seqlens [B+1] (row b's tokens are cu_seqlens[b]:cu_seqlens[b+1]) or row_index [N] (each
+            token's row), B = P * (G+1) rows in the usual order; no padding or prompt token needs to be fed.
 
     Returns:
         loss: scalar (float32; float64 for float64 inputs), differentiable w.r.t. hidden, weight, bias.
         stats: {"exploration", "imitation", "alignment"} scalars summing to loss, "advantages" [P, G+1],
         "seq_logp" [B] (detached), "num_tokens" [B].
     """
+    if cu_seqlens is not None or row_index is not None:
+        _, _, counts, rows, (beta, lam, eps, temperature) = check_packed_grao_inputs(
+            hidden, weight, labels, rewards, bias, cu_seqlens, row_index, beta=beta, lam=lam, eps=eps,
+            temperature=temperature, ignore_index=ignore_index)
+        mask = labels != ignore_index
+        token_logp = token_logprobs(linear_logits(hidden, weight, bias, temperature), labels, ignore_index=ignore_index)
+        seq = packed_sequence_logprob(token_logp, mask, rows, counts.numel())
+        return _grao_from_seq(seq, counts, rewards, beta, lam, eps, reference_in_stats)
     layout, _, counts, (beta, lam, eps, temperature) = check_linear_grao_inputs(
         hidden, weight, labels, rewards, bias, beta=beta, lam=lam, eps=eps, temperature=temperature,
         ignore_index=ignore_index)

@@ -1,0 +1,141 @@
+"""Attention for the shared-prompt packed layout, plugged into Hugging Face models through the registry.
+
+:func:`enable_prefix_sharing` switches a causal LM to ``grao_packed_<base>`` (e.g. ``grao_packed_sdpa``),
+an attention function registered with ``transformers.AttentionInterface.register`` (and a mask function
+with ``AttentionMaskInterface.register``): no per-model copy of modeling code. Without the
+``grao_packing`` keyword a forward is exactly the base implementation (sampling, evaluation and the
+unshared layout are unchanged). With ``grao_packing=PackedSegments`` (``grao.packing``) and
+``attention_mask=None``, the mask is not built by transformers (see :func:`packed_forward_kwargs`)
+and each packed group is served by two ``torch.nn.functional.scaled_dot_product_attention`` calls:
+
+* its prompt queries, causal over the prompt keys (``is_causal=True``, no mask);
+* its completion queries over ``[prompt keys; completion keys]`` with an additive mask
+  ``[Nc, Lp + Nc]``: every prompt key, plus earlier keys of the query's own completion.
+
+Each query set attends to exactly the keys it would see in its own unshared row, so outputs match that
+row's. Choice, measured here: FlexAttention (the block-mask route of Unsloth's shared-prefix GRPO) has no
+backward on CPU in torch 2.13, and a two-part attention merged by log-sum-exp needs the log-sum-exp that
+the public SDPA does not return; the split above is exact with the public SDPA on CPU and CUDA, and its
+mask is ``Nc x (Lp + Nc)``, not ``N x N`` (micro-batches bound ``Nc``).
+
+Supported: decoder-only models whose layers are all full attention and whose attention modules call
+the interface with query/key/value after RoPE (Llama, Mistral, Qwen2, Qwen3 families; tested on tiny
+configs of each). Refused with an error: other model types, recurrent / linear-attention / sliding-window
+layer types (a sliding window is allowed when it is wider than every packed position), logit soft-capping
+and attention sinks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+PREFIX = "grao_packed_"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+KWARG = "grao_packing"
+
+
+def _base_attention(name: str, module):
+    """The base implementation's attention function (a model's own ``eager_attention_forward`` for eager)."""
+    from transformers import AttentionInterface
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return AttentionInterface._global_mapping[name]
+
+
+def _refuse_unsupported(module, packing, kwargs) -> None:
+    window = kwargs.get("sliding_window")
+    if window is not None and packing.max_position >= int(window):
+        raise NotImplementedError(
+            f"prefix sharing: {type(module).__name__} uses a sliding window of {window} tokens, and this packed "
+            f"batch has positions up to {packing.max_position}; the packed layout serves full attention only. "
+            f"Use prefix_sharing=False (--no-prefix-sharing) for this model or shorter sequences")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"prefix sharing: {type(module).__name__} passes {name}= to its attention "
+                                      f"(soft-capping / attention sinks), which the packed attention does not "
+                                      f"implement; use prefix_sharing=False (--no-prefix-sharing)")
+    if not getattr(module, "is_causal", True):
+        raise NotImplementedError(f"prefix sharing: {type(module).__name__} is not causal attention")
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over a packed batch ([1, H, N, d] queries; see the module docstring) -> ([1, N, H, d], None)."""
+    packing = kwargs.get(KWARG)
+    base = module.config._attn_implementation.removeprefix(PREFIX)
+    if packing is None:
+        return _base_attention(base, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                             dropout=dropout, **kwargs)
+    _refuse_unsupported(module, packing, kwargs)
+    if query.shape[0] != 1 or query.shape[2] != packing.length:
+        raise ValueError(f"prefix sharing: the packed forward expects one row of {packing.length} tokens, got "
+                         f"queries of shape {list(query.shape)}")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: query head h reads key/value head h // groups
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    pieces = []
+    for index, seg in enumerate(packing.segments):
+        p0, p1, end = seg.start, seg.prompt_stop, seg.stop
+        pieces.append(F.scaled_dot_product_attention(query[:, :, p0:p1], key[:, :, p0:p1], value[:, :, p0:p1],
+                                                     dropout_p=dropout, is_causal=True, scale=scaling))
+        if end > p1:
+            mask = packing.completion_mask(index, query.dtype, query.device)
+            pieces.append(F.scaled_dot_product_attention(query[:, :, p1:end], key[:, :, p0:end],
+                                                         value[:, :, p0:end], attn_mask=mask, dropout_p=dropout,
+                                                         scale=scaling))
+    out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def check_supported(model) -> None:
+    """Raise NotImplementedError naming what is unsupported when ``model`` cannot use the packed layout."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(f"prefix sharing supports the model types {SUPPORTED_MODEL_TYPES} (decoder-only, "
+                                  f"full attention, RoPE from position ids); {type(model).__name__} is "
+                                  f"model_type={kind!r}. Use prefix_sharing=False (--no-prefix-sharing)")
+    layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if layer_types - {"full_attention"}:
+        raise NotImplementedError(f"prefix sharing serves full-attention layers only; {type(model).__name__} has "
+                                  f"layer types {sorted(layer_types)}. Use prefix_sharing=False (--no-prefix-sharing)")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError("prefix sharing: attention logit soft-capping is not supported; "
+                                  "use prefix_sharing=False (--no-prefix-sharing)")
+
+
+def enable_prefix_sharing(model):
+    """Switch ``model`` (a supported causal LM) to the packed attention wrapping its current implementation;
+    idempotent. Forwards without the ``grao_packing`` keyword are unchanged. Returns the model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
+
+    check_supported(model)
+    current = model.config._attn_implementation or "eager"
+    if current.startswith(PREFIX):
+        return model
+    if current != "eager" and current not in AttentionInterface._global_mapping:
+        raise NotImplementedError(f"prefix sharing wraps a registered attention implementation; the model uses "
+                                  f"{current!r}")
+    name = PREFIX + current
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, packed_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    model.set_attn_implementation(name)
+    return model
+
+
+def prefix_sharing_enabled(model) -> bool:
+    return str(model.config._attn_implementation or "").startswith(PREFIX)
+
+
+def packed_forward_kwargs(packing, device) -> dict:
+    """Keyword arguments for a backbone forward over a packed row: the packing structure for the attention
+    function, and a 4-D placeholder ``attention_mask`` so that transformers does not build an [N, N] mask
+    (a 4-D mask is taken as already prepared; the packed attention never reads it)."""
+    return {KWARG: packing, "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)}

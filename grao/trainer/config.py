@@ -64,7 +64,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
-    micro_batch_rows: int = 0  # rows per forward/backward; 0 = the whole step at once
+    micro_batch_rows: int = 0  # rows per forward/backward (overrides micro_batch_tokens); 0 = sized by micro_batch_tokens
+    micro_batch_tokens: int = 4096  # token positions per forward/backward (whole groups when they fit); 0 = the whole step at once
+    prefix_sharing: bool = True  # forward each prompt once for its G samples and reference (grao.packing); off: padded rows
     max_consecutive_skips: int = 10  # stop when this many steps in a row made no update (non-finite / all dropped); 0: never
     gradient_checkpointing: bool = False
     bf16: str = "auto"  # auto (bf16 autocast on CUDA when supported) | true | false
@@ -102,6 +104,7 @@ class TrainConfig:
         for name in ("group_size", "prompts_per_step", "max_new_tokens", "steps"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.micro_batch_rows >= 0, f"micro_batch_rows must be >= 0, got {self.micro_batch_rows}")
+        need(self.micro_batch_tokens >= 0, f"micro_batch_tokens must be >= 0, got {self.micro_batch_tokens}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")

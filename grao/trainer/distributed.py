@@ -144,7 +144,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 class HiddenAndHead(torch.nn.Module):
-    """forward(input_ids, attention_mask) -> (last hidden states [N, L, D], lm_head weight [V, D], bias | None).
+    """forward(input_ids, attention_mask, **backbone_kwargs) -> (last hidden states [N, L, D], lm_head weight [V, D],
+    bias | None); ``backbone_kwargs``: e.g. the packed layout's position ids and structure (``grao.packing``).
 
     The module DDP wraps: its forward is the part of the causal LM the losses use, so that the loss
     path goes through ``DistributedDataParallel.forward`` (which is what arms DDP's gradient reduction for
@@ -156,9 +157,9 @@ class HiddenAndHead(torch.nn.Module):
         self.model = model
         self._parts = lm_parts(model)  # a tuple: not registered as submodules a second time
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, **kwargs):
         backbone, head = self._parts
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
         return hidden, head.weight, getattr(head, "bias", None)
 
 
@@ -202,12 +203,12 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return found
 
 
-def _fsdp_hidden_and_head(model, input_ids, attention_mask):
+def _fsdp_hidden_and_head(model, input_ids, attention_mask, **kwargs):
     """FSDP forward method of the root: (last hidden states [N, L, D], lm_head weight [V, D], bias [V] or
     None). Called through the root's FSDP hooks (``register_fsdp_forward_method``), so the weight returned is
     the root's all-gathered full parameter and its gradient is reduce-scattered with the others."""
     backbone, head = lm_parts(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
     return hidden, head.weight, getattr(head, "bias", None)
 
 

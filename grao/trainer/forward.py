@@ -1,7 +1,9 @@
-"""The policy's forward for the losses: padded rows -> last hidden states, lm_head weight and labels.
+"""The policy's forward for the losses: (prompt, completion) rows -> last hidden states, lm_head weight, labels.
 
-:class:`PolicyForward` is the only place the update calls a model: it pads (prompt, completion) rows,
-runs the backbone under the step's autocast, and goes through the data-parallel wrapper when there is
+:class:`PolicyForward` is the only place the update calls a model. With prefix sharing (the default of
+``grao train``) it packs the rows, each prompt once followed by its completions (``grao.packing``), and
+returns padding-free hidden states of the completion tokens with ``cu_seqlens``; otherwise it pads the
+rows. It runs the backbone under the step's autocast, and goes through the data-parallel wrapper when there is
 one (DDP: ``no_sync`` on every pass of an update but the rank's last; FSDP2: the root's registered
 forward method). Ranks must agree on the collectives, so an update declares its passes up front
 (:meth:`PolicyForward.update`) and a rank with fewer passes than planned adds zero-loss ones.
@@ -17,6 +19,8 @@ import warnings
 
 import torch
 
+from grao.packed_attention import enable_prefix_sharing, packed_forward_kwargs
+from grao.packing import PackedRows, pack_rows, unpack_token_values
 from grao.reference import linear_grao_loss, linear_logits, token_logprobs
 from grao.trainer.model import lm_parts, maybe_autocast
 
@@ -56,12 +60,15 @@ class LossBackend:
         else:
             self._grao, self._logprob = linear_grao_loss, None
 
-    def grao(self, hidden, weight, labels, rewards, *, bias, temperature, beta, lam, eps, reference_in_stats):
+    def grao(self, hidden, weight, labels, rewards, *, bias, temperature, beta, lam, eps, reference_in_stats,
+             cu_seqlens=None):
+        """The GRAO loss on padded ([B, T]) or, with ``cu_seqlens``, token-packed ([N]) labels."""
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         return self._grao(hidden, weight, labels, rewards, beta=beta, lam=lam, eps=eps, bias=bias,
-                          temperature=temperature, reference_in_stats=reference_in_stats)
+                          temperature=temperature, reference_in_stats=reference_in_stats, **packed)
 
     def logprob(self, hidden, weight, labels, *, bias, temperature) -> torch.Tensor:
-        """Per-token log-probs [B, T] (fp32), 0 at ignored positions."""
+        """Per-token log-probs shaped like labels ([B, T] or token-packed [N]; fp32), 0 at ignored positions."""
         if self._logprob is not None:
             return self._logprob(hidden, weight, labels, bias=bias, temperature=temperature)
         return token_logprobs(linear_logits(hidden, weight, bias, temperature), labels)
@@ -98,11 +105,17 @@ class PolicyForward:
         backend: the loss primitives (:class:`LossBackend`). loss_temperature: logits / this.
         ddp: the ``DistributedDataParallel(HiddenAndHead(model))`` wrapper, or None.
         fsdp: the model is FSDP2-sharded (``grao.trainer.distributed.fsdp_shard``).
+        prefix_sharing: forward each prompt once for all its rows (``grao.packing``); the model (and any
+            other model given to the methods) is switched to the packed attention, which refuses
+            unsupported architectures (``grao.packed_attention``).
     """
 
     def __init__(self, model, *, pad_id: int, device: torch.device, autocast_dtype, backend: LossBackend,
-                 loss_temperature: float = 1.0, ddp=None, fsdp: bool = False):
+                 loss_temperature: float = 1.0, ddp=None, fsdp: bool = False, prefix_sharing: bool = False):
         self.model, self.pad_id, self.device = model, pad_id, device
+        self.prefix_sharing = bool(prefix_sharing)
+        if self.prefix_sharing:
+            enable_prefix_sharing(model)
         self.autocast_dtype, self.backend, self.loss_temperature = autocast_dtype, backend, loss_temperature
         self.ddp, self.fsdp = ddp, fsdp
         self.backbone, self.head = lm_parts(model)
@@ -132,31 +145,63 @@ class PolicyForward:
         return self.planned is None or self.passes == self.planned
 
     def hidden_states(self, rows: list[tuple[list[int], list[int]]], model=None):
-        """(hidden [N, L, D], weight [V, D], bias or None, labels [N, L]) for (prompt, completion) rows."""
-        model = model or self.model
-        policy = model is self.model
+        """(hidden [N, L, D], weight [V, D], bias or None, labels [N, L]) for (prompt, completion) rows, padded."""
         ids, mask, labels = (t.to(self.device) for t in pad_rows(rows, self.pad_id))
+        hidden, weight, bias = self._run(model or self.model, ids, mask)
+        return hidden, weight, bias, labels
+
+    def packed_hidden_states(self, rows: list[tuple[list[int], list[int]]], model=None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, PackedRows]:
+        """(hidden [M, D], weight [V, D], bias or None, labels [M], packed) for the M completion tokens of
+        ``rows``, padding-free: consecutive rows with the same prompt forward it once; hidden[m] is the state
+        that predicts labels[m]; ``packed.cu_seqlens`` [R + 1] delimits the rows."""
+        model = model or self.model
+        enable_prefix_sharing(model)  # idempotent: a no-op for the policy, set up in __init__
+        packed = pack_rows(rows).to(self.device)
+        kwargs = packed_forward_kwargs(packed.segments, self.device)
+        hidden, weight, bias = self._run(model, packed.input_ids, kwargs.pop("attention_mask"),
+                                         position_ids=packed.position_ids, **kwargs)
+        return hidden[0].index_select(0, packed.source), weight, bias, packed.labels, packed
+
+    def _run(self, model, ids, mask, **kwargs):
+        """(last hidden states, lm_head weight, bias) of one backbone forward, through DDP / FSDP for the policy."""
+        policy = model is self.model
         with maybe_autocast(self.device, self.autocast_dtype):
             if policy and self.fsdp:  # through the root's FSDP hooks: the full lm_head weight
-                hidden, weight, bias = model.grao_hidden_and_head(ids, mask)
+                hidden, weight, bias = model.grao_hidden_and_head(ids, mask, **kwargs)
                 self._count_pass()
             elif policy and self.ddp is not None and torch.is_grad_enabled():
                 last = self._count_pass()  # DDP arms its reduction in the forward: no_sync on all but the last
                 with contextlib.nullcontext() if last else self.ddp.no_sync():
-                    hidden, weight, bias = self.ddp(ids, mask)
+                    hidden, weight, bias = self.ddp(ids, mask, **kwargs)
             else:
                 backbone, head = (self.backbone, self.head) if policy else lm_parts(model)
-                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
                 weight, bias = head.weight, getattr(head, "bias", None)
         if self.autocast_dtype is not None:
             hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
             bias = bias.to(self.autocast_dtype) if bias is not None else None
         elif hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
-        return hidden, weight, bias, labels
+        return hidden, weight, bias
+
+    def grao_loss(self, rows, rewards, *, beta, lam, eps, reference_in_stats):
+        """The GRAO loss and its stats on whole groups ``rows`` (per prompt its G samples, then its reference)."""
+        kw = {"temperature": self.loss_temperature, "beta": beta, "lam": lam, "eps": eps,
+              "reference_in_stats": reference_in_stats}
+        if self.prefix_sharing:
+            hidden, weight, bias, labels, packed = self.packed_hidden_states(rows)
+            return self.backend.grao(hidden, weight, labels, rewards, bias=bias, cu_seqlens=packed.cu_seqlens, **kw)
+        hidden, weight, bias, labels = self.hidden_states(rows)
+        return self.backend.grao(hidden, weight, labels, rewards, bias=bias, **kw)
 
     def token_logp(self, rows, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-token log-probs [N, L] fp32, completion mask [N, L] bool) of rows."""
+        """(per-token log-probs [N, L] fp32, completion mask [N, L] bool) of rows; only the masked entries
+        mean anything (with prefix sharing L is the longest completion, without it the longest row)."""
+        if self.prefix_sharing:
+            hidden, weight, bias, labels, packed = self.packed_hidden_states(rows, model)
+            logp = self.backend.logprob(hidden, weight, labels, bias=bias, temperature=self.loss_temperature)
+            return unpack_token_values(logp, packed)
         hidden, weight, bias, labels = self.hidden_states(rows, model)
         logp = self.backend.logprob(hidden, weight, labels, bias=bias, temperature=self.loss_temperature)
         return logp, labels != IGNORE_INDEX

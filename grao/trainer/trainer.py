@@ -114,7 +114,8 @@ class Trainer:
             dist.fsdp_shard(self.model, self.device, self.world_size)
         self.forward = PolicyForward(self.model, pad_id=self.tokenizer.pad_token_id, device=self.device,
                                      autocast_dtype=self.autocast_dtype, backend=LossBackend(self.loss_impl),
-                                     loss_temperature=cfg.loss_temperature, ddp=self.ddp, fsdp=self.fsdp)
+                                     loss_temperature=cfg.loss_temperature, ddp=self.ddp, fsdp=self.fsdp,
+                                     prefix_sharing=cfg.prefix_sharing)
         self.rollouts = RolloutEngine(self.model, self.tokenizer, cfg, self.reward_fn, self.device,
                                       autocast_dtype=self.autocast_dtype, seeding=self.sample_seeding,
                                       gather_params=(lambda: dist.fsdp_full_params(self.model)) if self.fsdp else None)
@@ -253,7 +254,7 @@ class Trainer:
         if self.world_size == 1:
             return self.accumulate_gradients(kept), int(n_kept)
         share = local_norm / norm
-        planned = planned_passes(self.config, kept)
+        planned = planned_passes(self.config, kept, self.tokenizer)
         planned = dist.all_reduce_max(planned, self.device) if self.fsdp else max(1, planned)
         with self.forward.update(planned):
             local = self.accumulate_gradients(kept, share * self.world_size) if kept.prompt_ids else {}

@@ -5,15 +5,23 @@ accumulate in ``.grad`` and the optimizer step is the trainer's. Every pass goes
 :class:`grao.trainer.forward.PolicyForward`; each loss is scaled by ``grad_scale`` (this rank's share
 of the step's normaliser, times the world size that DDP / FSDP average over).
 
-GRAO micro-batching is exact because the advantages are constants computed once per group from all
-G + 1 rewards (``grao.group_advantages``). Two schemes, picked by ``micro_batch_rows``:
+Micro-batches (:func:`plan_micro_batches`) are contiguous row ranges: ``micro_batch_rows`` rows when it is
+set, else whole groups packed while the tokens one pass forwards fit ``micro_batch_tokens`` (a group over
+the budget on its own is split into row ranges, each forwarding its prompt again), else the whole step.
+So memory stays flat as G and lengths grow without the user sizing anything.
 
-* whole groups (a multiple of G + 1, or 0 = everything): the GRAO loss on each chunk of prompts,
-  scaled by (prompts in chunk / P), since the batch loss is the mean over prompts of per-prompt terms;
-* rows (any other size; memory then does not grow with G): the loss is linear in the per-token
-  log-probs with coefficients known before the forward (``grao.grao_row_grad``, the spec's
-  dLoss/dlogp), so each chunk back-propagates ``sum(coef * logp)`` on ``linear_logprob`` outputs,
-  whose value and gradient equal those of the full loss.
+GRAO micro-batching is exact because the advantages are constants computed once per group from all
+G + 1 rewards (``grao.group_advantages``). Two schemes, per range:
+
+* whole groups: the GRAO loss on the chunk of prompts, scaled by (prompts in chunk / P), since the
+  batch loss is the mean over prompts of per-prompt terms;
+* part of a group (or rows across groups): the loss is linear in the per-token log-probs with
+  coefficients known before the forward (``grao.grao_row_grad``, the spec's dLoss/dlogp), so each chunk
+  back-propagates ``sum(coef * logp)`` on ``linear_logprob`` outputs, whose value and gradient equal
+  those of the full loss.
+
+With ``prefix_sharing`` every pass forwards each prompt once for all its rows in the range
+(``grao.packing``); the arithmetic above is unchanged.
 
 Baselines use the same rollouts and log-prob machinery (``grao.baselines``): ``sft`` (mean NLL of the
 reference), ``dpo`` (reference as chosen, the lowest-reward sample or a ``rejected`` column as rejected,
@@ -25,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from grao.baselines import dpo_loss, grpo_advantages, grpo_loss, sft_loss
+from grao.packing import forwarded_tokens
 from grao.reference import (
     COMPONENTS,
     grao_objective,
@@ -53,21 +62,62 @@ def grao_rows(ro: Rollout) -> Rows:
     return rows
 
 
-def planned_passes(config: TrainConfig, ro: Rollout) -> int:
-    """Forward/backward passes of the policy that :func:`accumulate_gradients` makes on ``ro``."""
-    P, mb = len(ro.prompt_ids), config.micro_batch_rows
-    if P == 0:
-        return 0
+def pass_tokens(rows: Rows, shared: bool) -> int:
+    """Token positions one forward of ``rows`` costs: packed (each prompt once), or padded to the longest row."""
+    if shared:
+        return forwarded_tokens(rows)
+    return len(rows) * max((len(p) + len(c) for p, c in rows), default=0)
+
+
+def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable: bool) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) row ranges, one forward/backward pass each (see the module docstring).
+
+    ``unit``: rows per group (kept together when they fit); ``splittable``: the loss stays exact when a
+    group is cut (GRAO, GRPO, SFT rows; not a DPO pair)."""
+    n, mb, budget = len(rows), int(config.micro_batch_rows), int(config.micro_batch_tokens)
+    if n == 0:
+        return []
+    if mb > 0:
+        return chunk_ranges(n, mb if splittable else max(1, mb // unit) * unit)
+    if budget <= 0:
+        return [(0, n)]
+    shared = bool(config.prefix_sharing)
+    out, start = [], 0
+    for u0 in range(0, n, unit):
+        u1 = min(u0 + unit, n)
+        if start < u0 and pass_tokens(rows[start:u1], shared) > budget:
+            out.append((start, u0))
+            start = u0
+        if splittable and pass_tokens(rows[u0:u1], shared) > budget:  # the group alone is over: split it
+            a = u0
+            for r in range(u0 + 1, u1):
+                if pass_tokens(rows[a:r + 1], shared) > budget:
+                    out.append((a, r))
+                    a = r
+            out.append((a, u1))
+            start = u1
+    if start < n:
+        out.append((start, n))
+    return out
+
+
+def method_rows(config: TrainConfig, ro: Rollout, tokenizer=None) -> tuple[Rows, int, bool]:
+    """(rows, rows per group, whether a group may be split) that the method's update forwards."""
     if config.method == "grao":
-        width = config.group_size + 1
-        if mb <= 0 or mb % width == 0:
-            return len(chunk_ranges(P, (mb // width) if mb > 0 else P))
-        return len(chunk_ranges(P * width, mb))
+        return grao_rows(ro), config.group_size + 1, True
     if config.method == "grpo":
-        return len(chunk_ranges(P * config.group_size, mb))
+        return [(p, s) for p, group in zip(ro.prompt_ids, ro.sample_ids) for s in group], config.group_size, True
     if config.method == "sft":
-        return len(chunk_ranges(P, mb))
-    return len(chunk_ranges(P, P if mb <= 0 else max(1, mb // 2)))
+        return list(zip(ro.prompt_ids, ro.reference_ids)), 1, True
+    return dpo_rows(config, ro, tokenizer), 2, False
+
+
+def planned_passes(config: TrainConfig, ro: Rollout, tokenizer=None) -> int:
+    """Forward/backward passes of the policy that :func:`accumulate_gradients` makes on ``ro``."""
+    if not ro.prompt_ids:
+        return 0
+    rows, unit, splittable = method_rows(config, ro, tokenizer)
+    return len(plan_micro_batches(config, rows, unit, splittable=splittable))
 
 
 def loss_normaliser(config: TrainConfig, ro: Rollout) -> float:
@@ -100,21 +150,20 @@ def grao_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
     rewards = ro.rewards.to(forward.device)
     adv = group_advantages(rewards, eps=cfg.eps, reference_in_stats=cfg.reference_in_stats)
     counts = torch.tensor([len(c) for _, c in rows], device=forward.device)
-    mb = cfg.micro_batch_rows
+    coef = None
     seq_parts = []
-    if mb <= 0 or mb % width == 0:
-        # whole prompts per chunk: the GRAO loss on each chunk, scaled by its share of prompts
-        for start, stop in chunk_ranges(P, (mb // width) if mb > 0 else P):
-            hidden, weight, bias, labels = forward.hidden_states(rows[start * width:stop * width])
-            loss, stats = forward.backend.grao(hidden, weight, labels, rewards[start:stop], bias=bias,
-                                               temperature=cfg.loss_temperature, beta=cfg.beta, lam=cfg.lam,
-                                               eps=cfg.eps, reference_in_stats=cfg.reference_in_stats)
-            (loss * ((stop - start) / P * grad_scale)).backward()
-            seq_parts.append(stats["seq_logp"].detach().float())
-    else:
-        # rows per chunk: surrogate sum(coef * logp) with the spec's closed-form dLoss/dlogp
-        coef = grao_row_grad(adv, counts, beta=cfg.beta, lam=cfg.lam).float()
-        for start, stop in chunk_ranges(len(rows), mb):
+    for start, stop in plan_micro_batches(cfg, rows, width, splittable=True):
+        if start % width == 0 and stop % width == 0:
+            # whole prompts: the GRAO loss on the chunk, scaled by its share of prompts
+            g0, g1 = start // width, stop // width
+            loss, stats = forward.grao_loss(rows[start:stop], rewards[g0:g1], beta=cfg.beta, lam=cfg.lam,
+                                            eps=cfg.eps, reference_in_stats=cfg.reference_in_stats)
+            (loss * ((g1 - g0) / P * grad_scale)).backward()
+            seq_parts.append(stats["seq_logp"].detach())  # fp32 (fp64 for a float64 model): no rounding here
+        else:
+            # part of a group: surrogate sum(coef * logp) with the spec's closed-form dLoss/dlogp
+            if coef is None:
+                coef = grao_row_grad(adv, counts, beta=cfg.beta, lam=cfg.lam).float()
             logp, mask = forward.token_logp(rows[start:stop])
             ((coef[start:stop, None] * logp).sum() * grad_scale).backward()
             seq_parts.append(sequence_logprob(logp.detach(), mask))
@@ -131,12 +180,12 @@ def grao_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
 
 def grpo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scale: float,
                 ref_model) -> dict[str, float]:
-    rows = [(p, s) for p, group in zip(ro.prompt_ids, ro.sample_ids) for s in group]
+    rows, unit, _ = method_rows(cfg, ro)
     adv = grpo_advantages(ro.rewards[:, :-1].to(forward.device)).flatten()
     n_rows = len(rows)
     n_tokens = sum(len(c) for _, c in rows)
     total, stats_acc = 0.0, {}
-    for start, stop in chunk_ranges(n_rows, cfg.micro_batch_rows):
+    for start, stop in plan_micro_batches(cfg, rows, unit, splittable=True):
         chunk = rows[start:stop]
         ref_logp = None
         if cfg.grpo_kl_beta > 0:
@@ -158,7 +207,7 @@ def sft_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scale
     rows = list(zip(ro.prompt_ids, ro.reference_ids))
     n_tokens = sum(len(c) for _, c in rows)
     total = 0.0
-    for start, stop in chunk_ranges(len(rows), cfg.micro_batch_rows):
+    for start, stop in plan_micro_batches(cfg, rows, 1, splittable=True):
         logp, mask = forward.token_logp(rows[start:stop])
         share = int(mask.sum()) / n_tokens
         loss = sft_loss(logp, mask) * share
@@ -167,8 +216,9 @@ def sft_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scale
     return {"loss": total}
 
 
-def dpo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scale: float, ref_model,
-               tokenizer) -> dict[str, float]:
+def dpo_rows(cfg: TrainConfig, ro: Rollout, tokenizer) -> Rows:
+    """Per prompt (prompt, reference) as chosen, then (prompt, rejected): the group's worst sample or the
+    ``rejected`` column."""
     rows = []
     for rec, p, group, ref, r in zip(ro.records, ro.prompt_ids, ro.sample_ids, ro.reference_ids, ro.rewards):
         if cfg.dpo_rejected == "column":
@@ -176,11 +226,17 @@ def dpo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scale
         else:
             rej = group[int(torch.argmin(r[:-1]))]  # the worst sample (first among ties)
         rows += [(p, ref), (p, rej)]
+    return rows
+
+
+def dpo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scale: float, ref_model,
+               tokenizer) -> dict[str, float]:
+    rows = dpo_rows(cfg, ro, tokenizer)
     P = len(ro.prompt_ids)
-    mb = cfg.micro_batch_rows
     total, acc = 0.0, {}
-    for start, stop in chunk_ranges(P, P if mb <= 0 else max(1, mb // 2)):
-        chunk = rows[2 * start:2 * stop]
+    for row_start, row_stop in plan_micro_batches(cfg, rows, 2, splittable=False):
+        start, stop = row_start // 2, row_stop // 2
+        chunk = rows[row_start:row_stop]
         with torch.no_grad():
             ref_logp, _ = forward.token_logp(chunk, model=ref_model)
         logp, mask = forward.token_logp(chunk)

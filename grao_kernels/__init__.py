@@ -10,16 +10,20 @@ CUDA tensors run Triton kernels; CPU (and float64) tensors run a chunked PyTorch
 same semantics. Every path is tested against the eager reference, ``grao_kernels.reference``
 (the spec, docs/spec.md, in code; ``grao`` re-exports it), whose ``linear_grao_loss`` has the
 same signature, return value and errors as ``fused_linear_grao_loss``. ``COMPONENTS`` names the
-loss parts in the returned stats; bad input raises ``GRAOInputError`` (also ``grao.GRAOInputError``).
+loss parts in the returned stats; bad input raises ``GRAOInputError`` (also ``grao.GRAOInputError``),
+unsupported autograd use (double backward) ``GRAOUnsupportedError``; a fused GRAO loss whose gradients,
+computed in its forward, were never used warns once (``GRAOUnusedGradientWarning``). Under
+``torch.autocast`` the ops cast their float inputs as ``nn.Linear`` does (grao_kernels._autocast).
 
 This package depends on torch, triton and the standard library only.
 """
 
 from grao_kernels import reference
 from grao_kernels._checks import GRAOInputError
+from grao_kernels._limits import GRAOUnsupportedError, GRAOUnusedGradientWarning
 from grao_kernels.grao_loss import fused_linear_grao_loss, group_advantages
 from grao_kernels.linear_logprob import linear_logprob
 from grao_kernels.reference import COMPONENTS
 
-__all__ = ["linear_logprob", "group_advantages", "fused_linear_grao_loss", "GRAOInputError", "COMPONENTS",
-           "reference"]
+__all__ = ["linear_logprob", "group_advantages", "fused_linear_grao_loss", "GRAOInputError", "GRAOUnsupportedError",
+           "GRAOUnusedGradientWarning", "COMPONENTS", "reference"]

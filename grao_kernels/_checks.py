@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from grao_kernels._autocast import autocast_dtype, effective_dtype
+
 
 def _checking_values() -> bool:
     """Value checks (label range, finite rewards, empty references) read tensor data; under
@@ -57,6 +59,11 @@ def check_scalar(name: str, value, *, positive: bool = False, nonnegative: bool 
     return v
 
 
+def _autocast_note(hidden: torch.Tensor) -> str:
+    cast = autocast_dtype(hidden.device.type)
+    return f" (under autocast fp32/bf16/fp16 inputs are cast to {cast}; float64 is not)" if cast else ""
+
+
 @dataclass(frozen=True)
 class LinearLayout:
     """Sizes of a validated (hidden, weight, labels) triple: hidden is [N, D] after flattening."""
@@ -72,7 +79,9 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
     """Validate hidden [B, T, D] | [B*T, D] | [N, D], weight [V, D], labels [B, T] | [N], bias [V].
 
     hidden, weight and bias share one floating dtype and one device; labels are int64/int32
-    on the same device with values in [0, V) or equal to ignore_index.
+    on the same device with values in [0, V) or equal to ignore_index. Under autocast on their device
+    their dtypes are compared after autocast's cast (fp32/bf16/fp16 -> the autocast dtype), as the ops
+    and ``nn.Linear`` cast them (grao_kernels._autocast).
     """
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, floating=True)
@@ -95,8 +104,8 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
     if hidden.dim() == 2 and hidden.shape[0] != labels.numel():
         _fail(f"hidden [N, D] must have N = labels.numel() = {labels.numel()} rows "
               f"(labels {_shape(labels)}), got hidden {_shape(hidden)}")
-    if weight.dtype != hidden.dtype:
-        _fail(f"weight dtype must equal hidden dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dtype != hidden.dtype and effective_dtype(weight) != effective_dtype(hidden):
+        _fail(f"weight dtype must equal hidden dtype {hidden.dtype}, got {weight.dtype}{_autocast_note(hidden)}")
     if weight.device != hidden.device:
         _fail(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
     if labels.device != hidden.device:
@@ -105,8 +114,8 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
         check_tensor("bias", bias, floating=True)
         if tuple(bias.shape) != (vocab,):
             _fail(f"bias must be [V] = [{vocab}], got shape {_shape(bias)}")
-        if bias.dtype != hidden.dtype:
-            _fail(f"bias dtype must equal hidden dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.dtype != hidden.dtype and effective_dtype(bias) != effective_dtype(hidden):
+            _fail(f"bias dtype must equal hidden dtype {hidden.dtype}, got {bias.dtype}{_autocast_note(hidden)}")
         if bias.device != hidden.device:
             _fail(f"bias must be on hidden's device {hidden.device}, got {bias.device}")
     if check_label_values and labels.numel() > 0 and _checking_values():

@@ -23,9 +23,11 @@ from typing import Optional
 
 import torch
 
+from grao_kernels._autocast import register_autocast_rule
 from grao_kernels._backend import resolve_backend
 from grao_kernels._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
 from grao_kernels._chunked import chunked_linear_logprob
+from grao_kernels._limits import GRAOUnsupportedError, PendingGrads, refuse_double_backward
 from grao_kernels.reference import (COMPONENTS, _group_advantages, compute_dtype, grao_objective, grao_row_grad,
                                     sequence_logprob)
 
@@ -130,23 +132,31 @@ def _setup_context(ctx, inputs, output):
         # Eager: hold the gradients on ctx (not save_for_backward) so backward can scale them in
         # place and hand over the only reference; autograd then adopts them as .grad without a
         # copy. Either a product or that copy would hold a second [V, D] fp32 dweight at the peak.
-        ctx.grads = list(output[5:])
+        # Freed without a backward, PendingGrads warns once that the gradient work was wasted.
+        ctx.grads = PendingGrads(list(output[5:]))
 
 
 def _autograd_backward(ctx, grad_loss, *_unused):
     if ctx.grads is None:  # traced by torch.compile: functional
         return tuple(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype)
                      for g in ctx.saved_tensors) + (None,) * 12
-    if not ctx.grads:
-        raise RuntimeError("fused_linear_grao_loss: backward through the same loss twice is not supported "
-                           "(its gradients are computed in the forward and handed over once); "
-                           "call the loss again for a second backward")
-    grads, ctx.grads = ctx.grads, []  # ctx lets go: after return the result holds the only reference
+    refuse_double_backward("fused_linear_grao_loss", "grao.linear_grao_loss", ctx.grads)
+    grads = ctx.grads.take()  # ctx lets go: after return the result holds the only reference
+    if grads is None:
+        raise GRAOUnsupportedError("fused_linear_grao_loss: backward through the same loss twice is not supported "
+                                   "(its gradients are computed in the forward and handed over once); "
+                                   "call the loss again for a second backward")
     return tuple(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype))
                  for g in grads) + (None,) * 12
 
 
-fused_linear_grao_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# torch.compiler.disable: when a compiled step graph-breaks at loss.backward(), the engine calls this Python
+# backward with dynamo's frame hook still set (CPU autograd runs on the caller's thread); without it dynamo
+# compiled it into a graph of its own (issue 13: the extra graph in torch._dynamo.explain). Compiled graphs
+# are unaffected: AOTAutograd traces the backward without dynamo.
+fused_linear_grao_op.register_autograd(torch.compiler.disable(_autograd_backward), setup_context=_setup_context)
+# Under autocast: hidden, weight, bias cast to the autocast dtype (as nn.Linear), the op run with autocast off.
+register_autocast_rule("fused_linear_grao", cast_args=(0, 1, 2))
 
 
 def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor,
@@ -175,7 +185,13 @@ def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
 
     The gradients are computed during the forward call when any input requires grad (they are
     known then: the advantages are constants), so a forward without backward costs the backward's
-    work too: wrap evaluation in ``torch.no_grad()``. Only ``loss`` carries a gradient.
+    work too (about 2.5x a ``torch.no_grad()`` call): wrap evaluation and logging in ``torch.no_grad()``.
+    A loss freed without a backward warns once (``GRAOUnusedGradientWarning``). Only ``loss`` carries a
+    gradient, for one backward; double backward (``create_graph=True``) raises ``GRAOUnsupportedError``.
+
+    Under ``torch.autocast`` (CPU or CUDA) hidden, weight and bias (fp32/bf16/fp16) are cast once to the
+    autocast dtype, as ``nn.Linear`` would, so they may differ in dtype there; the result is exactly the
+    op's on the cast inputs (fp32 log-probs and gradient sums), and rewards are not cast.
     """
     if cu_seqlens is not None or row_index is not None:
         from grao_kernels.packed import fused_linear_grao_loss_packed

@@ -12,9 +12,11 @@ from typing import Optional
 
 import torch
 
+from grao_kernels._autocast import register_autocast_rule
 from grao_kernels._backend import resolve_backend
 from grao_kernels._checks import check_linear_inputs, check_scalar
 from grao_kernels._chunked import chunked_linear_logprob
+from grao_kernels._limits import refuse_double_backward
 from grao_kernels.reference import compute_dtype
 
 
@@ -99,6 +101,7 @@ def _autograd_backward(ctx, grad_logp, _grad_lse, _grad_entropy):
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     if grad_logp is None:
         return (None,) * 8
+    refuse_double_backward("linear_logprob", "grao.token_logprobs(grao.linear_logits(hidden, weight, bias), labels)")
     dh, dw, db = linear_logprob_backward_op(hidden, weight, bias, labels, lse, grad_logp.to(lse.dtype).contiguous(),
                                             temperature, ignore_index, need_hidden, need_weight,
                                             bool(need_bias and bias is not None), backend)
@@ -106,7 +109,13 @@ def _autograd_backward(ctx, grad_logp, _grad_lse, _grad_entropy):
             db if need_bias and bias is not None else None, None, None, None, None, None)
 
 
-linear_logprob_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# torch.compiler.disable: no graph of its own for this Python backward when an eager backward runs under
+# dynamo's frame hook (see grao_loss.py); compiled graphs trace it through AOTAutograd as before.
+linear_logprob_forward_op.register_autograd(torch.compiler.disable(_autograd_backward), setup_context=_setup_context)
+# Under autocast: hidden, weight, bias cast to the autocast dtype (as nn.Linear), the op run with autocast off;
+# the backward op (saved inputs already cast) just runs with autocast off.
+register_autocast_rule("linear_logprob_forward", cast_args=(0, 1, 2))
+register_autocast_rule("linear_logprob_backward", cast_args=())
 
 
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -124,7 +133,12 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
     Returns:
         logp: float32 (float64 for float64 inputs), shaped like ``labels``, 0 at ignored tokens,
-        differentiable w.r.t. hidden, weight and bias; and ``entropy`` of the same shape if asked.
+        differentiable w.r.t. hidden, weight and bias (once: double backward raises
+        ``GRAOUnsupportedError``); and ``entropy`` of the same shape if asked.
+
+    The forward keeps a per-token normaliser only; the gradient work happens in the backward. Under
+    ``torch.autocast`` (CPU or CUDA) hidden, weight and bias are cast once to the autocast dtype, as
+    ``nn.Linear`` would, and the op runs on them with autocast off.
     """
     layout = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     temperature = check_scalar("temperature", temperature, positive=True)

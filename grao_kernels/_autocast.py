@@ -1,0 +1,67 @@
+"""Autocast for the fused ops: cast the float inputs once, as ``nn.Linear`` would, then compute with autocast off.
+
+Inside ``torch.autocast(device_type, dtype=...)`` (CPU or CUDA) an ``nn.Linear`` takes a bf16 hidden state
+and an fp32 weight alike: both are cast to the autocast dtype and the matmul runs in it. The fused ops do
+the same. An autocast kernel registered for each op casts ``hidden``, ``weight`` and ``bias`` (fp32 / bf16
+/ fp16 tensors on the autocast device; float64 is left alone, as autocast does) to the autocast dtype,
+then runs the op with autocast excluded, so its own math stays in its documented precision: logits in
+the (cast) inputs' dtype, log-sum-exp, log-probs and gradient sums in fp32, gradients cast once to the
+inputs' dtype. Every output is then the op's result on the cast inputs, exactly; the casts are ordinary
+autograd ``to`` nodes, so a gradient flows back to an fp32 parameter in fp32 (at the precision of the
+autocast dtype, as with ``nn.Linear``). Other float tensors (the GRAO rewards) are not cast, as
+elementwise ops under autocast are not. ``torch.library.register_autocast`` (torch >= 2.5) casts every
+float input to one dtype fixed at registration, the rewards included, hence this rule of our own,
+built on the same dispatcher calls (present in torch 2.4 and later).
+
+Without it the op body would run partly under autocast: an out-of-place matmul inside it got cast to
+bf16 and an in-place one did not (issue 13: dhidden at bf16 accuracy, dweight at fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Device types whose autocast the ops follow, and their dispatch keys.
+AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+AUTOCAST_DEVICES = tuple(AUTOCAST_KEYS)
+_CASTABLE = (torch.float32, torch.bfloat16, torch.float16)
+_LIB = torch.library.Library("grao_kernels", "IMPL")  # held here: the registrations live as long as it does
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect for ``device_type`` ("cpu", "cuda"), or None when autocast is off there."""
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def effective_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``t`` has once the ops' autocast rule has run: the autocast dtype of its device for
+    fp32 / bf16 / fp16 tensors when autocast is on there, else its own dtype."""
+    if t.dtype not in _CASTABLE:
+        return t.dtype
+    return autocast_dtype(t.device.type) or t.dtype
+
+
+def _cast(t, dtype: torch.dtype, device_type: str):
+    if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE and t.device.type == device_type and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
+def register_autocast_rule(name: str, cast_args: tuple[int, ...]) -> None:
+    """Register the autocast kernel of the custom op ``grao_kernels::<name>`` for CPU
+    and CUDA: positional arguments ``cast_args`` are cast to the autocast dtype (see the module docstring),
+    then the op runs with that device's autocast excluded. ``cast_args=()``: nothing cast, autocast off
+    (for a backward op, whose saved inputs were cast in the forward)."""
+    overload = getattr(torch.ops.grao_kernels, name).default
+    for device_type, key_name in AUTOCAST_KEYS.items():
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+        def kernel(_keyset, *args, _device_type=device_type, _excluded=keyset):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = tuple(_cast(a, dtype, _device_type) if i in cast_args else a for i, a in enumerate(args))
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                return overload(*args)
+
+        _LIB.impl(name, kernel, key_name, with_keyset=True)

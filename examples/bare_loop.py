@@ -1,11 +1,15 @@
 """GRAO, GRPO and SFT in a bare PyTorch loop on the fused ops (no [tokens x vocab] logits).
 
-* GRAO: ``fused_linear_grao_loss`` on the backbone's hidden states and the lm_head weight.
+* GRAO: ``fused_linear_grao_loss`` on the model's last hidden states and the lm_head weight.
 * GRPO / SFT (and DPO the same way): per-token log-probs from ``linear_logprob``, then the
   losses in ``grao.baselines`` (``grpo_loss``, ``sft_loss``, ``dpo_loss``).
 
 Batches come from ``toy_data.collate_groups``: rows [P*(G+1), T] (each prompt's G samples, then its
 reference answer) with Hugging Face-style labels, and rewards [P, G+1].
+
+The hidden states come from the model's own forward (``model(..., output_hidden_states=True,
+logits_to_keep=1)``), so the same functions work on a model wrapped in DistributedDataParallel:
+examples/ddp_bare_loop.py.
 
     python examples/bare_loop.py
 """
@@ -20,17 +24,27 @@ from grao_kernels import fused_linear_grao_loss, linear_logprob
 
 
 def hidden_and_labels(model, batch, rows=None):
-    """Final hidden states [N, T, D] of the backbone and labels [N, T] shifted to match them."""
+    """Final hidden states [N, T, D] and labels [N, T] shifted to match them.
+
+    Through ``model(...)`` itself, which under DDP is the wrapper: DDP synchronises the gradients of a pass
+    only if that pass went through its forward (never call ``model.module.model(...)``). logits_to_keep=1
+    limits the model's own lm_head to one position; hidden_states[-1] is the final (normed) hidden state.
+    """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if rows is not None:
         ids, mask, labels = ids[rows], mask[rows], labels[rows]
-    hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return hidden, F.pad(labels[:, 1:], (0, 1), value=-100)  # hidden state t predicts token t+1
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1], F.pad(labels[:, 1:], (0, 1), value=-100)  # hidden state t predicts token t+1
+
+
+def head_weight(model):
+    """The lm_head weight, of the model inside a DDP wrapper when there is one (tied or not)."""
+    return getattr(model, "module", model).get_output_embeddings().weight
 
 
 def grao_loss(model, batch, beta=0.5, lam=0.6):
     hidden, labels = hidden_and_labels(model, batch)
-    loss, stats = fused_linear_grao_loss(hidden, model.lm_head.weight, labels, batch["rewards"], beta=beta, lam=lam)
+    loss, stats = fused_linear_grao_loss(hidden, head_weight(model), labels, batch["rewards"], beta=beta, lam=lam)
     return loss
 
 
@@ -38,7 +52,7 @@ def grpo_loss(model, batch):
     prompts, width = batch["rewards"].shape
     samples = torch.arange(prompts * width) % width != width - 1  # GRPO sees the G samples, not the reference
     hidden, labels = hidden_and_labels(model, batch, samples)
-    logp = linear_logprob(hidden, model.lm_head.weight, labels)  # [N, T] fp32, 0 at ignored tokens
+    logp = linear_logprob(hidden, head_weight(model), labels)  # [N, T] fp32, 0 at ignored tokens
     advantages = grao.grpo_advantages(batch["rewards"][:, :-1]).flatten()  # [P*G]
     loss, stats = grao.grpo_loss(logp, labels != -100, advantages)
     return loss
@@ -48,7 +62,7 @@ def sft_loss(model, batch):
     prompts, width = batch["rewards"].shape
     references = torch.arange(prompts * width) % width == width - 1  # SFT imitates the reference answers
     hidden, labels = hidden_and_labels(model, batch, references)
-    logp = linear_logprob(hidden, model.lm_head.weight, labels)
+    logp = linear_logprob(hidden, head_weight(model), labels)
     return grao.sft_loss(logp, labels != -100)
 
 

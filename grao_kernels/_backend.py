@@ -11,6 +11,20 @@ from grao_kernels._checks import GRAOInputError
 BACKENDS = ("auto", "triton", "torch")
 
 
+#: The CUDA design the Triton backend runs, read per call: "tiles" (the tile kernels of _triton_linear.py,
+#: the default) or "gemm" (token chunks through cuBLAS GEMMs and one Triton row kernel, _triton_gemm.py).
+#: Both are kept until a GPU run has measured them side by side (benchmarks/gpu_check.py).
+CUDA_DESIGN_ENV = "GRAO_KERNELS_CUDA_DESIGN"
+CUDA_DESIGNS = ("tiles", "gemm")
+
+
+def cuda_design() -> str:
+    design = os.environ.get(CUDA_DESIGN_ENV, "tiles")
+    if design not in CUDA_DESIGNS:
+        raise GRAOInputError(f"{CUDA_DESIGN_ENV} must be one of {CUDA_DESIGNS}, got {design!r}")
+    return design
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from grao_kernels._autocast import register_autocast_rule
-from grao_kernels._backend import resolve_backend
+from grao_kernels._backend import cuda_design, resolve_backend
 from grao_kernels._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
 from grao_kernels._chunked import chunked_linear_logprob
 from grao_kernels._limits import GRAOUnsupportedError, PendingGrads, refuse_double_backward
@@ -68,19 +68,27 @@ def _triton_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, referenc
 
 
 def _chunked_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
-                  ignore_index, needs):
-    """Advantages and per-token gradients first (the reference), then one chunked pass for log-probs and grads."""
+                  ignore_index, needs, design="chunked"):
+    """Advantages and per-token gradients first (the reference), then one chunked pass for log-probs and grads:
+    the chunked PyTorch path, or (design "gemm", CUDA) cuBLAS GEMMs with one Triton row kernel (6·N·D·V)."""
     mask = labels != ignore_index
     counts = mask.sum(-1)
     adv_acc = _group_advantages(rewards, eps, reference_in_stats).to(compute_dtype(hidden.dtype))
     grad_logp = (grao_row_grad(adv_acc, counts, beta=beta, lam=lam).unsqueeze(1) * mask).reshape(-1)
-    out = chunked_linear_logprob(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
-                                 ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
-                                 need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-    seq_logp = sequence_logprob(out.logp.view(labels.shape), mask)
+    if design == "gemm":
+        from grao_kernels._triton_gemm import gemm_logprob_pass
+        logp, _, *grads = gemm_logprob_pass(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
+                                            ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
+                                            need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
+    else:
+        out = chunked_linear_logprob(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
+                                     ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
+                                     need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
+        logp, grads = out.logp, (out.grad_hidden, out.grad_weight, out.grad_bias)
+    seq_logp = sequence_logprob(logp.view(labels.shape), mask)
     loss, parts = grao_objective(seq_logp, adv_acc, beta=beta, lam=lam)
     components = torch.stack([parts[name] for name in COMPONENTS])
-    return loss, components, adv_acc, seq_logp, counts, (out.grad_hidden, out.grad_weight, out.grad_bias)
+    return loss, components, adv_acc, seq_logp, counts, tuple(grads)
 
 
 # A torch.library custom op (fake implementation + autograd) so torch.compile(fullgraph=True)
@@ -98,9 +106,13 @@ def fused_linear_grao_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     (loss [], components [3], advantages [P, G+1], seq_logp [B], num_tokens [B],
      dloss/dhidden [N, D] | [0], dloss/dweight [V, D] | [0], dloss/dbias [V] | [0])."""
     needs = (need_hidden, need_weight, need_bias and bias is not None)
-    run = _triton_pass if backend == "triton" else _chunked_pass
-    loss, components, adv, seq_logp, counts, grads = run(hidden, weight, bias, labels, rewards, beta, lam, eps,
-                                                          reference_in_stats, temperature, ignore_index, needs)
+    args = (hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index, needs)
+    if backend != "triton":
+        loss, components, adv, seq_logp, counts, grads = _chunked_pass(*args)
+    elif cuda_design() == "gemm":
+        loss, components, adv, seq_logp, counts, grads = _chunked_pass(*args, design="gemm")
+    else:
+        loss, components, adv, seq_logp, counts, grads = _triton_pass(*args)
     acc = compute_dtype(hidden.dtype)
     adv = adv.to(compute_dtype(rewards.dtype))  # the reference's dtype for advantages
     dh, dw, db = (hidden.new_empty(0) if g is None else g for g in grads)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from grao_kernels._autocast import register_autocast_rule
-from grao_kernels._backend import resolve_backend
+from grao_kernels._backend import cuda_design, resolve_backend
 from grao_kernels._checks import check_linear_inputs, check_scalar
 from grao_kernels._chunked import chunked_linear_logprob
 from grao_kernels._limits import refuse_double_backward
@@ -22,6 +22,11 @@ from grao_kernels.reference import compute_dtype
 
 def _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, return_entropy):
     """-> (logp [N] fp32, lse [2, N] (row max, log-sum; see _chunked), entropy [N] | None)."""
+    if backend == "triton" and cuda_design() == "gemm" and not return_entropy:
+        from grao_kernels._triton_gemm import gemm_logprob_pass
+        logp, lse, *_ = gemm_logprob_pass(hidden, weight, labels, bias, temperature=temperature,
+                                          ignore_index=ignore_index)
+        return logp, lse, None
     if backend == "triton":
         from grao_kernels._triton_linear import triton_logprob_forward
         return triton_logprob_forward(hidden, weight, labels, bias, temperature=temperature,
@@ -34,6 +39,11 @@ def _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, r
 def _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature, ignore_index, needs):
     """-> (dhidden [N, D] | None, dweight [V, D] | None, dbias [V] | None) for per-token grad_logp [N]."""
     need_hidden, need_weight, need_bias = needs
+    if backend == "triton" and cuda_design() == "gemm":  # recomputes the logits and their normaliser
+        from grao_kernels._triton_gemm import gemm_logprob_pass
+        return tuple(gemm_logprob_pass(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
+                                       grad_logp=grad_logp, need_hidden=need_hidden, need_weight=need_weight,
+                                       need_bias=need_bias and bias is not None)[2:])
     if backend == "triton":
         from grao_kernels._triton_linear import triton_logprob_backward
         return triton_logprob_backward(hidden, weight, labels, bias, lse, grad_logp, temperature=temperature,

@@ -1,0 +1,168 @@
+"""The GEMM-chunk CUDA design (grao_kernels/_triton_gemm.py) against float64 references and the eager path.
+
+Its Triton row kernel has no ``tl.dot``, so the interpreter runs it in the real dtypes; the GEMMs are
+torch's (CPU here, cuBLAS on a GPU). Numerics standard of tests/numerics.py: no further from float64
+than the eager path in the same dtype, plus 1e-5 (fp32) or 1e-2 (bf16) of the largest reference value.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from grao_kernels.reference import linear_logits, token_logprobs
+from tests.numerics import assert_no_worse_than_eager
+
+pytestmark = pytest.mark.triton
+pytest.importorskip("triton")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = (["cuda"] if HAS_CUDA else []) + (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+if not DEVICES:
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import grao_kernels
+from grao_kernels._backend import CUDA_DESIGN_ENV
+from grao_kernels._checks import GRAOInputError
+from grao_kernels._triton_gemm import gemm_logprob_pass, rows_logprob_
+
+IGNORE = -100
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def _inputs(n, d, v, dtype, device, seed, *, bias=True, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g) * scale).to(device=device, dtype=dtype)
+    weight = torch.randn(v, d, generator=g).to(device=device, dtype=dtype) / d ** 0.5
+    b = torch.randn(v, generator=g).to(device=device, dtype=dtype) if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::5] = IGNORE
+    labels[1], labels[2] = 0, v - 1
+    grad = torch.randn(n, generator=g)
+    return hidden, weight, b, labels.to(device), grad.to(device)
+
+
+def _eager(hidden, weight, bias, labels, grad, temperature):
+    """The eager path in the inputs' dtype: full logits, autograd gradients of sum(grad * logp)."""
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    b = bias.detach().requires_grad_() if bias is not None else None
+    logp = token_logprobs(linear_logits(h, w, b, temperature), labels, ignore_index=IGNORE)
+    (grad.to(logp.dtype) * logp).sum().backward()
+    return logp.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernel_logprob_and_dz(device, dtype):
+    """rows_logprob_ on raw logits: log-probs and, in place, dz = g / T * (onehot - softmax)."""
+    g = torch.Generator().manual_seed(0)
+    c, v, temperature = 7, 300, 0.7
+    z = (torch.randn(c, v, generator=g) * 8).to(device=device, dtype=dtype)
+    z[0, 5] = 60.0  # a confident token: its log-prob is tiny and must not be swamped by rounding
+    bias = torch.randn(v, generator=g).to(device=device, dtype=dtype)
+    labels = torch.randint(0, v, (c,), generator=g).to(device)
+    labels[0] = 5
+    coef = torch.randn(c, generator=g).to(device)
+    scaled64 = (z.double() + bias.double()) / temperature
+    logsm = torch.log_softmax(scaled64, -1)
+    ref_logp = logsm.gather(1, labels[:, None]).squeeze(1)
+    onehot = torch.nn.functional.one_hot(labels, v).double()
+    ref_dz = coef.double()[:, None] / temperature * (onehot - logsm.exp())
+    eager_logsm = torch.log_softmax(((z + bias).float() / temperature), -1)  # the eager rounding of the logits
+    eager_logp = eager_logsm.gather(1, labels[:, None]).squeeze(1)
+    eager_dz = (coef[:, None] / temperature * (onehot.float() - eager_logsm.exp())).to(dtype)
+
+    zz = z.clone()
+    logp, lse = rows_logprob_(zz, labels, bias, coef, temperature=temperature)
+    tol = _tol(dtype)
+    assert_no_worse_than_eager(logp, eager_logp, ref_logp, atol=tol, rtol=tol, what="logp")
+    assert abs(logp[0].item() - ref_logp[0].item()) < 1e-6 + abs(eager_logp[0].item() - ref_logp[0].item())
+    assert_no_worse_than_eager(zz, eager_dz, ref_dz, atol=tol, rtol=tol, what="dz")
+    torch.testing.assert_close(lse[0] + lse[1], torch.logsumexp(scaled64, -1).float(), rtol=1e-5, atol=1e-5)
+    z2 = z.clone()
+    logp2, _ = rows_logprob_(z2, labels, bias, None, temperature=temperature)  # no gradient: z untouched
+    assert torch.equal(z2, z) and torch.equal(logp2, logp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,temperature", [(False, 1.0), (True, 0.6)])
+def test_gemm_pass_matches_float64(device, dtype, bias, temperature):
+    """Several chunks (a ragged last one), ignored tokens, first/last vocabulary columns."""
+    hidden, weight, b, labels, grad = _inputs(41, 24, 131, dtype, device, seed=3, bias=bias, scale=3.0)
+    chunk = 7 * 131 * hidden.element_size()  # 7 tokens per chunk
+    logp, _, dh, dw, db = gemm_logprob_pass(hidden, weight, labels, b, temperature=temperature,
+                                              ignore_index=IGNORE, grad_logp=grad, chunk_bytes=chunk)
+    e_logp, e_dh, e_dw, e_db = _eager(hidden, weight, b, labels, grad, temperature)
+    r_logp, r_dh, r_dw, r_db = _eager(hidden.double(), weight.double(), None if b is None else b.double(), labels,
+                                      grad.double(), temperature)
+    tol = _tol(dtype)
+    assert logp.dtype == torch.float32 and dh.dtype == dtype and dw.dtype == dtype
+    assert_no_worse_than_eager(logp, e_logp, r_logp, atol=tol, rtol=tol, what="logp")
+    assert (logp[labels == IGNORE] == 0).all() and (dh[labels == IGNORE] == 0).all()
+    assert_no_worse_than_eager(dh, e_dh, r_dh, atol=tol, rtol=tol, what="dhidden")
+    assert_no_worse_than_eager(dw, e_dw, r_dw, atol=tol, rtol=tol, what="dweight")
+    if bias:
+        assert_no_worse_than_eager(db, e_db, r_db, atol=tol, rtol=tol, what="dbias")
+    else:
+        assert db is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_pass_all_ignored_and_gradient_subsets(device):
+    hidden, weight, b, labels, grad = _inputs(9, 8, 33, torch.float32, device, seed=4)
+    labels[:] = IGNORE
+    logp, _, dh, dw, db = gemm_logprob_pass(hidden, weight, labels, b, temperature=1.0, ignore_index=IGNORE,
+                                              grad_logp=grad)
+    assert not logp.any() and not dh.any() and not dw.any() and not db.any()
+    labels[0] = 3
+    out = gemm_logprob_pass(hidden, weight, labels, b, temperature=1.0, ignore_index=IGNORE, grad_logp=grad,
+                            need_hidden=False, need_bias=False)
+    assert out[2] is None and out[4] is None and out[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_ops_run_the_gemm_design_when_asked(device, dtype, monkeypatch):
+    """GRAO_KERNELS_CUDA_DESIGN=gemm routes both public ops' Triton backend through _triton_gemm: same loss,
+    log-probs and gradients as the chunked PyTorch path (within the dtype's tolerance)."""
+    import grao_kernels._triton_gemm as gemm
+
+    calls = []
+    real = gemm.gemm_logprob_pass
+    monkeypatch.setattr(gemm, "gemm_logprob_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    P, G, T, D, V = 2, 3, 6, 16, 97
+    hidden = torch.randn(P * (G + 1), T, D, generator=gen).to(device=device, dtype=dtype)
+    weight = (torch.randn(V, D, generator=gen) / 4).to(device=device, dtype=dtype)
+    labels = torch.randint(0, V, (P * (G + 1), T), generator=gen)
+    labels[:, :2] = IGNORE
+    labels = labels.to(device)
+    rewards = torch.randn(P, G + 1, generator=gen).to(device)
+    results = {}
+    for design, backend in (("gemm", "triton"), ("tiles", "torch")):
+        monkeypatch.setenv(CUDA_DESIGN_ENV, design)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _ = grao_kernels.fused_linear_grao_loss(h, w, labels, rewards, backend=backend)
+        loss.backward()
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp = grao_kernels.linear_logprob(h2, w2, labels, backend=backend)
+        (logp * torch.linspace(-1, 1, logp.numel(), device=device).view_as(logp)).sum().backward()
+        results[design] = (loss.detach(), h.grad, w.grad, logp.detach(), h2.grad, w2.grad)
+    assert len(calls) == 3  # the GRAO pass, linear_logprob's forward and its backward
+    tol = _tol(dtype)
+    for a, b in zip(results["gemm"], results["tiles"]):
+        scale = b.double().abs().max().item()
+        assert (a.double() - b.double()).abs().max().item() <= tol * max(scale, 1.0), (a, b)
+
+
+def test_unknown_design_is_refused(monkeypatch):
+    monkeypatch.setenv(CUDA_DESIGN_ENV, "fast")
+    from grao_kernels._backend import cuda_design
+    with pytest.raises(GRAOInputError, match="GRAO_KERNELS_CUDA_DESIGN must be one of .*'tiles', 'gemm'.*'fast'"):
+        cuda_design()

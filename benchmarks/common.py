@@ -23,6 +23,8 @@ Implementations (``IMPLEMENTATIONS``):
 
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import gc
 import os
@@ -124,6 +126,7 @@ class Impl:
     factory: Callable[[torch.device], Callable]
     packages: tuple = ()  # distribution names whose versions are recorded
     note: str = ""
+    op: str = "grao"  # "grao": a GRAO loss (floor 6NDV) | "logprob": through linear_logprob (floor 8NDV)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def load(self, device: str | torch.device) -> Callable:
@@ -181,6 +184,52 @@ def _fused(device):
         return fused_linear_grao_loss(hidden, weight, labels, rewards, bias=bias)[0]
 
     return loss_fn
+
+
+@contextlib.contextmanager
+def cuda_design(design: str):
+    """GRAO_KERNELS_CUDA_DESIGN for the duration (the Triton backend's design: "tiles" or "gemm")."""
+    from grao_kernels._backend import CUDA_DESIGN_ENV
+
+    old = os.environ.get(CUDA_DESIGN_ENV)
+    os.environ[CUDA_DESIGN_ENV] = design
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CUDA_DESIGN_ENV, None)
+        else:
+            os.environ[CUDA_DESIGN_ENV] = old
+
+
+def _fused_gemm(device):
+    if device.type != "cuda":
+        raise Unavailable("the GEMM-chunk design is a CUDA path (cuBLAS GEMMs + a Triton row kernel)")
+    from grao_kernels import fused_linear_grao_loss
+
+    def loss_fn(hidden, weight, labels, rewards, bias=None):
+        with cuda_design("gemm"):  # the fused GRAO loss computes its gradients in this call
+            return fused_linear_grao_loss(hidden, weight, labels, rewards, bias=bias)[0]
+
+    return loss_fn
+
+
+def _logprob(design: str | None):
+    def factory(device):
+        if design is not None and device.type != "cuda":
+            raise Unavailable(f"linear_logprob's '{design}' design is a CUDA path")
+        from grao_kernels import linear_logprob
+        from grao_kernels.reference import grao_loss
+
+        def loss_fn(hidden, weight, labels, rewards, bias=None):
+            # the design is fixed when linear_logprob is called; its backward runs the same one
+            with cuda_design(design) if design else contextlib.nullcontext():
+                logp = linear_logprob(hidden, weight, labels, bias=bias)
+            return grao_loss(logp, labels, rewards)[0]
+
+        return loss_fn
+
+    return factory
 
 
 def grao_equivalent_advantages(labels: torch.Tensor, rewards: torch.Tensor, *, beta: float = 0.5, lam: float = 0.6,
@@ -247,6 +296,14 @@ IMPLEMENTATIONS: dict[str, Impl] = {
                        "Liger-Kernel LigerFusedLinearGRPOLoss, loss_type='grpo', beta=0, on-policy, compiled=False"),
     "cce": Impl("cce", "GRAO via CCE per-token NLL", _cce, ("cut-cross-entropy",),
                 "cut_cross_entropy.linear_cross_entropy(reduction='none') + grao.grao_loss"),
+    # CUDA design candidates (issue 14), measured side by side by benchmarks/gpu_check.py
+    "fused_gemm": Impl("fused_gemm", "GRAO", _fused_gemm, ("grao-kernels",),
+                       "fused_linear_grao_loss, GEMM-chunk design (GRAO_KERNELS_CUDA_DESIGN=gemm)"),
+    "logprob": Impl("logprob", "GRAO via linear_logprob", _logprob(None), ("grao-kernels",),
+                    "grao_kernels.linear_logprob (gradient in backward, recompute) + reference.grao_loss",
+                    op="logprob"),
+    "logprob_gemm": Impl("logprob_gemm", "GRAO via linear_logprob", _logprob("gemm"), ("grao-kernels",),
+                         "linear_logprob, GEMM-chunk design + reference.grao_loss", op="logprob"),
 }
 
 

@@ -6,13 +6,19 @@
 Budgeted to finish in under 8 minutes on one H100/H200:
 1. ``pytest -m "not slow" tests/`` (the CUDA-marked tests run on the device; ~3 min cap);
 2. a bf16 matmul to measure the card's dense throughput (the FLOP floor's denominator);
-3. forward + backward time and peak memory on 3 shapes, each implementation in turn:
+3. forward + backward time and peak memory, each implementation in turn (``--impls``): eager, the
+   fused GRAO loss in both CUDA designs (``fused`` = tile kernels, ``fused_gemm`` = GEMM chunks + a
+   Triton row kernel), ``linear_logprob`` in both designs (``logprob``, ``logprob_gemm``), and the
+   peers Cut Cross-Entropy and Liger-Kernel, on:
    - the issue's headline: bf16, N = 16384 (P=1, G=7, T=2048), D = 4096, V = 151936 (Qwen3-8B head);
+   - the published peers' shape: bf16, N = 4096, D = 4096, V = 128256;
    - a small-D head: bf16, N = 16384, D = 896, V = 151936 (Qwen2.5-0.5B);
-   - a long batch: bf16, N = 65536 (G=7, T=8192), D = 4096, V = 151936 (eager is expected to OOM: recorded).
-   For each: the FLOP-floor ratio time / (8 N D V / measured matmul FLOP/s), and peak memory
+   - fp16 at the headline shape, and a long batch N = 65536 (eager is expected to OOM: recorded);
+   For each: time / FLOP floor (6 N D V for a GRAO loss, whose per-token gradient is known before the
+   forward; 8 N D V through linear_logprob) over the measured matmul rate, and peak memory
    (torch.cuda.max_memory_allocated, inputs included) against hidden + weight + their gradients
-   (the issue's target: <= 1.1x, an fp32 weight-gradient buffer allowed).
+   (the issue's target: <= 1.1x, an fp32 weight-gradient buffer allowed). ``summary.json`` holds one row
+   per implementation and shape in the issue's form.
 Every stage is guarded by the time limit and by try/except: the result files are always written.
 
 Peers on a machine without network: put wheels in .benchmarks/wheels/ first
@@ -106,16 +112,55 @@ def matmul_tflops(dtype_name: str = "bf16", n: int = 8192, reps: int = 20, devic
     return 2.0 * n ** 3 / (times[len(times) // 2] * 1e-3) / 1e12
 
 
+ALL_IMPLS = "eager,fused,fused_gemm,logprob,logprob_gemm,cce,liger_grpo"
+FUSED_ONLY = ("fused", "fused_gemm", "logprob", "logprob_gemm")
+
+
 def points(smoke: bool = False):
+    """(point, implementations to run there or None for all)."""
     from benchmarks.common import Point
 
     if smoke:  # --cpu-smoke: the same code path on tiny CPU shapes, to check the script itself
-        return [Point("headline", 1, 7, 16, 64, 1000, "bf16"), Point("long", 1, 7, 64, 64, 1000, "bf16")]
+        return [(Point("headline", 1, 7, 16, 64, 1000, "bf16"), None), (Point("long", 1, 7, 64, 64, 1000, "bf16"), None)]
     return [
-        Point("headline", 1, 7, 2048, 4096, 151936, "bf16", "Qwen3-8B"),
-        Point("small-D", 1, 7, 2048, 896, 151936, "bf16", "Qwen2.5-0.5B"),
-        Point("long", 1, 7, 8192, 4096, 151936, "bf16", "Qwen3-8B"),
+        (Point("headline", 1, 7, 2048, 4096, 151936, "bf16", "Qwen3-8B"), None),
+        # the published peers' shape (QuACK / Liger on an H200: M=4096, H=4096, V=128256)
+        (Point("peers", 1, 7, 512, 4096, 128256, "bf16", "Llama-3-8B"), None),
+        (Point("small-D", 1, 7, 2048, 896, 151936, "bf16", "Qwen2.5-0.5B"), None),
+        (Point("fp16", 1, 7, 2048, 4096, 151936, "fp16", "Qwen3-8B"), ("eager",) + FUSED_ONLY),
+        (Point("long", 1, 7, 8192, 4096, 151936, "bf16", "Qwen3-8B"), ("eager",) + FUSED_ONLY),
     ]
+
+
+def floor_flops(impl: str, p) -> float:
+    """The FLOP floor of the op a row measures: 6NDV for a GRAO loss (its per-token gradient is known before
+    the forward), 8NDV through linear_logprob (forward, recompute, dh, dW)."""
+    from benchmarks.common import IMPLEMENTATIONS
+
+    return (8.0 if IMPLEMENTATIONS[impl].op == "logprob" else 6.0) * p.N * p.D * p.V
+
+
+def summary(report: dict) -> dict:
+    """summary.json: one row per implementation and shape (the issue's form)."""
+    from benchmarks.common import IMPLEMENTATIONS
+
+    env = report.get("env", {})
+    tflops = report.get("matmul_tflops_bf16")
+    out = {"device": env.get("device_name"), "torch": env.get("torch"), "triton": env.get("triton"),
+           "date": env.get("date"), "matmul_tflops": tflops, "rows": []}
+    for r in report.get("results", []):
+        p, impl = r["point"], r["impl"]
+        if r["status"] in ("skipped", "not run"):
+            continue
+        flops = (8.0 if IMPLEMENTATIONS[impl].op == "logprob" else 6.0) * p["N"] * p["D"] * p["V"]
+        row = {"op": IMPLEMENTATIONS[impl].op, "impl": impl, "N": p["N"], "D": p["D"], "V": p["V"],
+               "dtype": p["dtype"], "ms": r.get("time_ms") if r["status"] == "ok" else None,
+               "peak_gib": (r["peak_total_bytes"] / 2 ** 30) if r.get("peak_total_bytes") else None,
+               "floor_ms": flops / (tflops * 1e12) * 1e3 if tflops else None}
+        if r["status"] != "ok":
+            row["error"] = f"{r['status']}: {r.get('reason', '')}"[:300]
+        out["rows"].append(row)
+    return out
 
 
 def main(argv=None) -> int:
@@ -125,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tests-timeout", type=float, default=180.0)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments (space separated)")
-    ap.add_argument("--impls", default="eager,fused,liger_grpo,cce")
+    ap.add_argument("--impls", default=ALL_IMPLS)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run the script's code path on CPU with tiny shapes and no tests (checks the script only)")
@@ -144,6 +189,8 @@ def main(argv=None) -> int:
             json.dump(report, fh, indent=1)
         with open(os.path.join(args.out, "gpu_check.md"), "w") as fh:
             fh.write(to_markdown(report))
+        with open(os.path.join(args.out, "summary.json"), "w") as fh:
+            json.dump(summary(report), fh, indent=1)
 
     try:
         import torch
@@ -183,9 +230,9 @@ def run_points(args, report, log, save, device: str = "cuda") -> None:
     impls = [i for i in args.impls.split(",") if i]
     peak = report.get("matmul_tflops_bf16")
     rows = report.setdefault("results", [])
-    for p in points(smoke=device == "cpu"):
+    for p, only in points(smoke=device == "cpu"):
         eager_res = None
-        for impl in impls:
+        for impl in [i for i in impls if only is None or i in only]:
             if elapsed() > args.time_limit:
                 rows.append({"impl": impl, "point": p.to_dict(), "status": "not run",
                              "reason": f"time limit {args.time_limit:.0f} s reached"})
@@ -199,11 +246,13 @@ def run_points(args, report, log, save, device: str = "cuda") -> None:
             res["point"] = p.to_dict()
             floor_bytes = p.grad_bytes() * 2  # hidden + weight + their gradients, in the inputs' dtype
             if res["status"] == "ok":
-                res["tflops_8NDV"] = p.flops / (res["time_ms"] * 1e-3) / 1e12
+                flops = floor_flops(impl, p)
+                res["floor_flops"] = flops
+                res["tflops_floor"] = flops / (res["time_ms"] * 1e-3) / 1e12
                 if peak:
-                    res["floor_ms_measured_peak"] = p.flops / (peak * 1e12) * 1e3
+                    res["floor_ms_measured_peak"] = flops / (peak * 1e12) * 1e3
                     res["time_vs_floor"] = res["time_ms"] / res["floor_ms_measured_peak"]
-                res["time_vs_floor_790"] = res["time_ms"] / (p.flops / 790e12 * 1e3)
+                res["time_vs_floor_790"] = res["time_ms"] / (flops / 790e12 * 1e3)
                 res["memory_floor_bytes"] = floor_bytes
                 res["memory_vs_floor"] = res["peak_total_bytes"] / floor_bytes
                 res["memory_vs_floor_fp32_dw"] = res["peak_total_bytes"] / (floor_bytes + p.V * p.D * 4)
@@ -244,10 +293,10 @@ def to_markdown(report: dict) -> str:
         lines.append("")
     if report.get("matmul_tflops_bf16"):
         lines += [(f"Measured bf16 matmul throughput (8192^3): {report['matmul_tflops_bf16']:.0f} TFLOP/s; "
-                  "FLOP floor = 8 N D V / that."), ""]
+                  "FLOP floor = 6 N D V (GRAO loss) or 8 N D V (through linear_logprob) / that."), ""]
     if report.get("results"):
         lines += ["## Forward + backward", "",
-                  ("| shape | impl | status | time (ms) | / eager | / FLOP floor | TFLOP/s (8NDV) | peak total | "
+                  ("| shape | impl | status | time (ms) | / eager | / FLOP floor | TFLOP/s (of floor) | peak total | "
                   "/ (h+w+grads) | peak extra | extra / eager |"),
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["results"]:
@@ -255,7 +304,7 @@ def to_markdown(report: dict) -> str:
             shape = f"N={p['N']} D={p['D']} V={p['V']} {p['dtype']} ({p['sweep']})"
             status = r["status"] if r["status"] == "ok" else f"**{r['status']}** {r.get('reason', '')[:80]}"
             lines.append(f"| {shape} | {r['impl']} | {status} | {_f(r.get('time_ms'), '{:.1f}')} | "
-                         f"{_f(r.get('time_vs_eager'))} | {_f(r.get('time_vs_floor'))} | {_f(r.get('tflops_8NDV'), '{:.0f}')} | "
+                         f"{_f(r.get('time_vs_eager'))} | {_f(r.get('time_vs_floor'))} | {_f(r.get('tflops_floor'), '{:.0f}')} | "
                          f"{_gib(r.get('peak_total_bytes'))} | {_f(r.get('memory_vs_floor'))} | "
                          f"{_gib(r.get('peak_extra_bytes'))} | {_f(r.get('mem_vs_eager'))} |")
         lines.append("")

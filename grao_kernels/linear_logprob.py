@@ -22,12 +22,12 @@ from grao_kernels.reference import compute_dtype
 
 def _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, return_entropy):
     """-> (logp [N] fp32, lse [2, N] (row max, log-sum; see _chunked), entropy [N] | None)."""
-    if backend == "triton" and cuda_design() == "gemm" and not return_entropy:
+    if backend == "triton-gemm" and not return_entropy:
         from grao_kernels._triton_gemm import gemm_logprob_pass
         logp, lse, *_ = gemm_logprob_pass(hidden, weight, labels, bias, temperature=temperature,
                                           ignore_index=ignore_index)
         return logp, lse, None
-    if backend == "triton":
+    if backend in ("triton", "triton-gemm"):
         from grao_kernels._triton_linear import triton_logprob_forward
         return triton_logprob_forward(hidden, weight, labels, bias, temperature=temperature,
                                       ignore_index=ignore_index, return_entropy=return_entropy)
@@ -39,7 +39,7 @@ def _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, r
 def _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature, ignore_index, needs):
     """-> (dhidden [N, D] | None, dweight [V, D] | None, dbias [V] | None) for per-token grad_logp [N]."""
     need_hidden, need_weight, need_bias = needs
-    if backend == "triton" and cuda_design() == "gemm":  # recomputes the logits and their normaliser
+    if backend == "triton-gemm":  # recomputes the logits and their normaliser: the forward's design may differ
         from grao_kernels._triton_gemm import gemm_logprob_pass
         return tuple(gemm_logprob_pass(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
                                        grad_logp=grad_logp, need_hidden=need_hidden, need_weight=need_weight,
@@ -153,6 +153,8 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     layout = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     temperature = check_scalar("temperature", temperature, positive=True)
     chosen = resolve_backend(backend, hidden)
+    if chosen == "triton" and cuda_design() == "gemm":  # fixed per call: the backward runs the same design
+        chosen = "triton-gemm"
     flat_hidden = hidden.reshape(-1, layout.hidden_dim)
     flat_labels = labels.reshape(-1).long().contiguous()
     logp, _, entropy = linear_logprob_forward_op(flat_hidden, weight, bias, flat_labels, temperature,

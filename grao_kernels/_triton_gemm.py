@@ -39,6 +39,15 @@ CHUNK_BYTES = 256 * 2 ** 20
 
 
 @triton.jit
+def _scaled_block(z_row, b_ptr, cols, ok, stride_b, inv_temp, HAS_BIAS: tl.constexpr):
+    """(z + b) / T in fp32 for one block of a row's columns (0 where not ok)."""
+    z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=ok, other=0.0).to(tl.float32)
+    return z * inv_temp
+
+
+@triton.jit
 def _rows_kernel(z_ptr, b_ptr, labels_ptr, g_ptr, logp_ptr, lse_ptr,
                  C, V, stride_zc, stride_b, inv_temp,
                  HAS_BIAS: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -53,10 +62,7 @@ def _rows_kernel(z_ptr, b_ptr, labels_ptr, g_ptr, logp_ptr, lse_ptr,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         ok = cols < V
-        z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=ok, other=0.0).to(tl.float32)
-        z = tl.where(ok, z * inv_temp, float("-inf"))
+        z = tl.where(ok, _scaled_block(z_row, b_ptr, cols, ok, stride_b, inv_temp, HAS_BIAS), float("-inf"))
         # each lane keeps its own running max and sum; a lane that has seen no column yet stays at
         # (-inf, 0), and its shift is taken as 0 so that no inf - inf is ever formed
         m_new = tl.maximum(m, z)
@@ -77,10 +83,7 @@ def _rows_kernel(z_ptr, b_ptr, labels_ptr, g_ptr, logp_ptr, lse_ptr,
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             ok = cols < V
-            z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=ok, other=0.0).to(tl.float32)
-            p = tl.exp((z * inv_temp - row_max) - log_total)
+            p = tl.exp((_scaled_block(z_row, b_ptr, cols, ok, stride_b, inv_temp, HAS_BIAS) - row_max) - log_total)
             dz = coef * (tl.where(cols == label, 1.0, 0.0) - p)
             tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=ok)
 

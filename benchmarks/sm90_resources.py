@@ -111,6 +111,10 @@ def kernel_cases(n: int = 16384, d: int = 4096, v: int = 151936, t: int = 2048):
                dict(REF_IN_STATS=True, BLOCK_G=block_g, BLOCK_T=grao._block_t(t, block_g)), 4, 1)
 
 
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.0f} KiB"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sm90"))
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
             lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | does not compile: {r['error']} | | |")
         else:
             lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
-                         f"{r['spill_store_bytes']} / {r['spill_load_bytes']} | {r['shared_bytes'] / 1024:.0f} KiB |")
+                         f"{r['spill_store_bytes']} / {r['spill_load_bytes']} | {_size(r['shared_bytes'])} |")
     with open(os.path.join(args.out, "resources.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

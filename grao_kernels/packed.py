@@ -11,14 +11,18 @@ As in the padded op, dLoss/dlogp of every token is known before the forward (the
 constants, ``grao_row_grad``): per-row counts and sums are ``index_add`` over the row index, and the
 input gradients come out of the same pass as the log-probs (the chunked PyTorch pass on CPU / float64;
 on CUDA the Triton log-prob forward kernel, then its backward kernel fed that gradient). The small
-per-prompt math is the reference's. Autograd's backward only scales the stored gradients.
+per-prompt math is the reference's. Autograd's backward only scales the stored gradients; autocast,
+double backward, a second backward and unused gradients behave as for the padded op (``_autocast``,
+``_limits``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from grao_kernels._autocast import register_autocast_rule
 from grao_kernels._chunked import chunked_linear_logprob
+from grao_kernels._limits import GRAOUnsupportedError, PendingGrads, refuse_double_backward
 from grao_kernels.reference import (
     COMPONENTS,
     _group_advantages,
@@ -101,23 +105,26 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[5:])
         ctx.grads = None
     else:  # eager: hand the stored gradients over once, scaled in place (as the padded op does)
-        ctx.grads = list(output[5:])
+        ctx.grads = PendingGrads(list(output[5:]))
 
 
 def _backward(ctx, grad_loss, *_unused):
     if ctx.grads is None:
         return tuple(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype)
                      for g in ctx.saved_tensors) + (None,) * 13
-    if not ctx.grads:
-        raise RuntimeError("fused_linear_grao_loss (token-packed): backward through the same loss twice is not "
-                           "supported (its gradients are computed in the forward and handed over once); call the "
-                           "loss again for a second backward")
-    grads, ctx.grads = ctx.grads, []
+    refuse_double_backward("fused_linear_grao_loss (token-packed)", "grao.linear_grao_loss", ctx.grads)
+    grads = ctx.grads.take()
+    if grads is None:
+        raise GRAOUnsupportedError("fused_linear_grao_loss (token-packed): backward through the same loss twice is "
+                                   "not supported (its gradients are computed in the forward and handed over once); "
+                                   "call the loss again for a second backward")
     return tuple(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype))
                  for g in grads) + (None,) * 13
 
 
-fused_linear_grao_packed_op.register_autograd(_backward, setup_context=_setup_context)
+# as the padded op: no dynamo frame for the eager backward; autocast casts hidden, weight, bias once
+fused_linear_grao_packed_op.register_autograd(torch.compiler.disable(_backward), setup_context=_setup_context)
+register_autocast_rule("fused_linear_grao_packed", cast_args=(0, 1, 2))
 
 
 def fused_linear_grao_loss_packed(hidden, weight, labels, rewards, *, beta, lam, eps, bias, temperature,

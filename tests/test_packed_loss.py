@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import grao
-from grao_kernels import GRAOInputError, fused_linear_grao_loss
+from grao_kernels import GRAOInputError, GRAOUnsupportedError, fused_linear_grao_loss
 
 from .numerics import assert_no_worse_than_eager
 
@@ -129,13 +129,28 @@ def test_packed_errors_same_for_eager_and_fused(impl, i):
                      **kwargs)
 
 
-def test_second_backward_refused():
+def test_second_and_double_backward_refused():
     lengths, G = LENGTHS["G=1"]
-    hidden, weight, _bias, labels, cu, rewards, _, _ = problem(lengths, G)
+    hidden, weight, _, labels, cu, rewards, _, _ = problem(lengths, G)
     hidden.requires_grad_()
     loss, _ = fused_linear_grao_loss(hidden, weight, labels, rewards, cu_seqlens=cu)
+    with pytest.raises(GRAOUnsupportedError, match="double backward"):
+        torch.autograd.grad(loss, hidden, create_graph=True, retain_graph=True)
     loss.backward(retain_graph=True)
     first = hidden.grad.clone()
-    with pytest.raises(RuntimeError, match="twice"):
+    with pytest.raises(GRAOUnsupportedError, match="twice"):
         loss.backward()
     assert torch.equal(hidden.grad, first)
+
+
+def test_autocast_casts_like_the_padded_op():
+    """Under CPU bf16 autocast a bf16 hidden with an fp32 weight is cast once, as for the padded call."""
+    lengths, G = LENGTHS["G=3"]
+    hidden, weight, bias, labels, cu, rewards, ph, pl = problem(lengths, G, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = run(fused_linear_grao_loss, hidden.bfloat16(), weight, bias, labels, rewards.float(), cu_seqlens=cu)
+        padded = run(fused_linear_grao_loss, ph.bfloat16(), weight, bias, pl, rewards.float())
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-6, atol=1e-6)
+    assert packed[2].dtype == torch.bfloat16 and packed[3].dtype == torch.float32
+    torch.testing.assert_close(packed[3], padded[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[2], padded[2][pl != -100])

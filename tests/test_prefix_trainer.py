@@ -66,6 +66,10 @@ def test_plan_micro_batches_by_tokens():
     assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 4), (4, 6)]
     cfg.micro_batch_rows, cfg.micro_batch_tokens = 0, 0
     assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 6)]
+    # balanced: 9 rows of 256 + 511 tokens under 4096 need 2 passes; greedy would make them 7 + 2 rows
+    cfg.prefix_sharing, cfg.micro_batch_tokens = True, 4096
+    group = [([3] * 256, [4] * 512)] * 9
+    assert plan_micro_batches(cfg, group, 9, splittable=True) == [(0, 5), (5, 9)]
 
 
 def test_planned_passes_match_the_passes_made():

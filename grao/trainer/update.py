@@ -73,7 +73,9 @@ def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable
     """Contiguous [start, stop) row ranges, one forward/backward pass each (see the module docstring).
 
     ``unit``: rows per group (kept together when they fit); ``splittable``: the loss stays exact when a
-    group is cut (GRAO, GRPO, SFT rows; not a DPO pair)."""
+    group is cut (GRAO, GRPO, SFT rows; not a DPO pair). Under a token budget the passes are balanced:
+    the plan is the greedy one under the smallest budget that needs no more passes than ``micro_batch_tokens``
+    does (no small leftover pass; the largest pass, which sets the peak memory, is as small as it can be)."""
     n, mb, budget = len(rows), int(config.micro_batch_rows), int(config.micro_batch_tokens)
     if n == 0:
         return []
@@ -82,6 +84,21 @@ def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable
     if budget <= 0:
         return [(0, n)]
     shared = bool(config.prefix_sharing)
+    plan = _greedy_plan(rows, unit, splittable, budget, shared)
+    lo, hi = 1, budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_greedy_plan(rows, unit, splittable, mid, shared)) <= len(plan):
+            hi = mid
+        else:
+            lo = mid + 1
+    balanced = _greedy_plan(rows, unit, splittable, lo, shared)
+    return balanced if len(balanced) == len(plan) else plan
+
+
+def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: bool) -> list[tuple[int, int]]:
+    """Whole groups while the pass fits ``budget`` tokens; a group over it alone split into row ranges."""
+    n = len(rows)
     out, start = [], 0
     for u0 in range(0, n, unit):
         u1 = min(u0 + unit, n)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from grao_kernels._checks import GRAOInputError, check_scalar, check_tensor
+from grao_kernels._checks import GRAOInputError, _checking_values, check_scalar, check_tensor
 
 
 def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -65,6 +65,9 @@ def grpo_advantages(rewards: torch.Tensor, *, scale_rewards: bool = True, eps: f
     check_tensor("rewards", rewards, floating=True)
     if rewards.dim() != 2 or rewards.shape[1] < 1:
         raise GRAOInputError(f"rewards must be [P, G] for GRPO, got {list(rewards.shape)}")
+    eps = check_scalar("eps", eps, positive=True)
+    if _checking_values() and not bool(torch.isfinite(rewards).all()):
+        raise GRAOInputError("rewards must be finite; found NaN or inf")  # the message of group_advantages
     centred = rewards - rewards.mean(-1, keepdim=True)
     if not scale_rewards:
         return centred
@@ -93,6 +96,8 @@ def grpo_loss(token_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Te
     if loss_type not in GRPO_LOSS_TYPES:
         raise GRAOInputError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
     kl_beta = check_scalar("kl_beta", kl_beta, nonnegative=True)
+    epsilon_low = check_scalar("epsilon_low", epsilon_low, nonnegative=True)
+    epsilon_high = check_scalar("epsilon_high", epsilon_high, nonnegative=True)
     if kl_beta > 0 and ref_token_logp is None:
         raise GRAOInputError("ref_token_logp [B, T] is required when kl_beta > 0")
     old = token_logp.detach() if old_token_logp is None else old_token_logp

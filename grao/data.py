@@ -106,16 +106,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def load_records(source: Any) -> list[dict]:
-    """Load and normalise records from a JSONL/JSON path, a list of dicts or a ``datasets`` dataset."""
+    """Load and normalise records from a JSONL/JSON path, a list of dicts or a ``datasets`` dataset.
+    Errors about a file's content name the file (and the line or record)."""
+    where = ""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.exists(path):
-            raise DataError(f"data file not found: {path}")
+        where = f"{path}: "
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: file not found" if not os.path.exists(path) else f"{path}: not a file")
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as fh:
-                rows = json.load(fh)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    rows = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: not valid JSON ({exc})") from None
             if not isinstance(rows, list):
-                raise DataError(f"{path}: a .json data file must hold a list of records")
+                raise DataError(f"{path}: a .json data file must hold a list of records, got {type(rows).__name__}")
         else:
             rows = read_jsonl(path)
     elif isinstance(source, Iterable):
@@ -123,8 +129,30 @@ def load_records(source: Any) -> list[dict]:
     else:
         raise DataError(f"data must be a path, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
     if not rows:
-        raise DataError("the data set is empty")
-    return [normalize_record(r, i) for i, r in enumerate(rows)]
+        raise DataError(f"{where}holds no records" if where else "the data set is empty")
+    try:
+        return [normalize_record(r, i) for i, r in enumerate(rows)]
+    except DataError as exc:
+        raise DataError(f"{where}{exc}") from None
+
+
+def warn_about_records(records: list[dict], tokenizer, *, name: str, prompts_per_step: int | None = None) -> None:
+    """UserWarnings for data that trains silently badly: fewer records than a step's prompts (prompts then repeat
+    within a step), and references the tokenizer cannot represent (they become its unknown token, so an
+    exact-match reward can never be earned on them)."""
+    import warnings
+    if prompts_per_step is not None and prompts_per_step > len(records):
+        warnings.warn(f"prompts_per_step ({prompts_per_step}) is more than the {len(records)} records of {name}: "
+                      f"prompts repeat within a step", UserWarning, stacklevel=2)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    refs = [r["reference"] for r in records]
+    bad = [i for i, ids in enumerate(tokenizer(refs, add_special_tokens=False)["input_ids"]) if unk in ids]
+    if bad:
+        warnings.warn(f"{len(bad)} of the {len(refs)} references of {name} hold text the tokenizer cannot represent "
+                      f"(it becomes {tokenizer.unk_token}), e.g. record {bad[0]}: {refs[bad[0]]!r:.60}; the policy "
+                      f"can never write those answers exactly", UserWarning, stacklevel=2)
 
 
 def render_prompt(prompt: Any, tokenizer=None) -> str:

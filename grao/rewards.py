@@ -18,6 +18,7 @@ Built in: :func:`exact_match`, :func:`token_f1` / :func:`char_f1`, :class:`Rewar
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import re
@@ -270,6 +271,60 @@ def call_reward_lenient(fn: RewardFn, *, prompts: list, completions: list[str], 
 
 
 BUILTIN = {"exact_match": exact_match, "token_f1": token_f1, "char_f1": char_f1}
+REWARD_FORMS = ("one of exact_match, token_f1, char_f1, 'reward_model:<path>', 'module:function', or a "
+                "comma-separated list of them with optional '*weight'")
+
+
+def _check_weight(weight: Any, item: Any) -> None:
+    try:
+        ok = math.isfinite(float(weight))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise RewardError(f"must give each listed reward a finite weight, got {weight!r} in {item!r}")
+
+
+def check_reward_spec(spec: Any) -> None:
+    """Check the form of a reward spec (see :func:`resolve_reward`) without building it: nothing is loaded or
+    imported. Raises RewardError(problem), the problem phrased "must be ..., got ..." (suggesting the nearest
+    built-in name for a typo)."""
+    if callable(spec):
+        return
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise RewardError(f"must be {REWARD_FORMS}, got an empty list")
+        for item in spec:
+            if isinstance(item, dict):
+                if "name" not in item:
+                    raise RewardError(f"must give a 'name' (and an optional 'weight') in each listed mapping, "
+                                      f"got {item!r}")
+                _check_weight(item.get("weight", 1.0), item)
+                check_reward_spec(item["name"])
+            elif isinstance(item, str) and "*" in item:
+                name, weight = item.rsplit("*", 1)
+                _check_weight(weight, item)
+                check_reward_spec(name.strip())
+            else:
+                check_reward_spec(item)
+        return
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardError(f"must be {REWARD_FORMS}, got {spec!r}")
+    if "," in spec or "*" in spec:
+        check_reward_spec([s.strip() for s in spec.split(",") if s.strip()])
+        return
+    if spec in BUILTIN:
+        return
+    for prefix in ("reward_model_sign:", "reward_model:"):
+        if spec.startswith(prefix):
+            if not spec[len(prefix):].strip():
+                raise RewardError(f"must name the reward model after {prefix!r}, got {spec!r}")
+            return
+    if ":" in spec:
+        module, attr = spec.split(":", 1)
+        if module.strip() and attr.strip():
+            return
+    close = difflib.get_close_matches(spec, list(BUILTIN), n=1)
+    raise RewardError(f"must be {REWARD_FORMS}, got {spec!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def resolve_reward(spec: Any, *, trust_remote_code: bool = False) -> RewardFn:
@@ -280,6 +335,10 @@ def resolve_reward(spec: Any, *, trust_remote_code: bool = False) -> RewardFn:
     sub = {"trust_remote_code": trust_remote_code}
     if callable(spec):
         return spec
+    try:
+        check_reward_spec(spec)
+    except RewardError as exc:
+        raise RewardError(f"reward {exc}") from None
     if isinstance(spec, (list, tuple)):
         items = []
         for item in spec:
@@ -287,21 +346,24 @@ def resolve_reward(spec: Any, *, trust_remote_code: bool = False) -> RewardFn:
                 items.append((resolve_reward(item["name"], **sub), float(item.get("weight", 1.0))))
             elif isinstance(item, str) and "*" in item:
                 name, w = item.rsplit("*", 1)
-                items.append((resolve_reward(name, **sub), float(w)))
+                items.append((resolve_reward(name.strip(), **sub), float(w)))
             else:
                 items.append((resolve_reward(item, **sub), 1.0))
         return items[0][0] if len(items) == 1 and items[0][1] == 1.0 else WeightedReward(items)
-    if not isinstance(spec, str):
-        raise RewardError(f"cannot build a reward from {spec!r}")
-    if "," in spec:
+    if "," in spec or "*" in spec:
         return resolve_reward([s.strip() for s in spec.split(",") if s.strip()], **sub)
     if spec in BUILTIN:
         return BUILTIN[spec]
     for prefix, mode in (("reward_model_sign:", "sign"), ("reward_model:", "diff")):
         if spec.startswith(prefix):
             return RewardModelReward(spec[len(prefix):], mode=mode, trust_remote_code=trust_remote_code)
-    if ":" in spec:
-        module, attr = spec.split(":", 1)
-        return getattr(importlib.import_module(module), attr)
-    raise RewardError(f"unknown reward {spec!r}: use one of {sorted(BUILTIN)}, 'reward_model:<path>', "
-                      f"'module:function', or a comma-separated list with optional '*weight'")
+    module, attr = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise RewardError(f"reward {spec!r}: cannot import module {module!r} ({exc})") from exc
+    except AttributeError:
+        raise RewardError(f"reward {spec!r}: module {module!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {module}.{attr} is not callable")
+    return fn

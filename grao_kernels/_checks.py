@@ -11,6 +11,7 @@ Part of the kernel package (which depends on torch and triton only);
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -166,8 +167,25 @@ def check_reference_rows(token_counts: torch.Tensor, group_width: int) -> None:
 
 
 def check_grao_hyper(beta, lam, eps, temperature) -> tuple[float, float, float, float]:
-    return (check_scalar("beta", beta), check_scalar("lam", lam),
-            check_scalar("eps", eps, positive=True), check_scalar("temperature", temperature, positive=True))
+    hyper = (check_scalar("beta", beta), check_scalar("lam", lam),
+             check_scalar("eps", eps, positive=True), check_scalar("temperature", temperature, positive=True))
+    warn_unusual_weights(hyper[0], hyper[1])
+    return hyper
+
+
+def warn_unusual_weights(beta: float, lam: float) -> None:
+    """Any finite beta / lam is accepted (docs/spec.md), but one outside [0, 1] is rarely meant: a UserWarning
+    says so, once per value and process (the trainer's config check and every step's loss share it)."""
+    if not _checking_values():
+        return
+    for name, value, paper, term in (("beta", beta, 0.5, "imitation"), ("lam", lam, 0.6, "alignment")):
+        if not 0 <= value <= 1 and (name, value) not in _warned_weights:
+            _warned_weights.add((name, value))
+            why = f"a negative weight reverses the {term} term" if value < 0 else f"the {term} term outweighs exploration (weight 1)"
+            warnings.warn(f"{name}={value:g} is outside [0, 1] (paper: {paper}): {why}", UserWarning, stacklevel=2)
+
+
+_warned_weights: set[tuple[str, float]] = set()  # (name, value) pairs already warned about in this process
 
 
 def check_linear_grao_inputs(hidden, weight, labels, rewards, bias, *, beta, lam, eps, temperature,

@@ -57,7 +57,7 @@ def test_weighted_and_resolved_rewards():
     assert got == [pytest.approx(2.0 + 0.5), pytest.approx(0.0 + 0.5)]
     assert resolve_reward("exact_match") is exact_match
     assert resolve_reward("grao.rewards:token_f1") is token_f1
-    with pytest.raises(RewardError, match="unknown reward"):
+    with pytest.raises(RewardError, match="reward must be one of exact_match, .*got .no_such_reward."):
         resolve_reward("no_such_reward")
 
 

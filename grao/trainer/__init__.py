@@ -21,7 +21,7 @@ from grao.trainer.checkpoint import (
     checkpoint_dirs,
     recover_interrupted_saves,
 )
-from grao.trainer.config import LOSS_IMPLS, METHODS, PARALLELS, TrainConfig
+from grao.trainer.config import LOSS_IMPLS, METHODS, PARALLELS, ConfigError, TrainConfig
 from grao.trainer.distributed import (
     init_distributed,
     launch_parallel,
@@ -40,5 +40,5 @@ __all__ = [
     "LossBackend", "accumulate_gradients", "pad_rows", "chunk_ranges", "resolve_loss_impl", "lm_parts",
     "load_model_and_tokenizer", "make_schedule", "prompt_seed", "checkpoint_dirs", "recover_interrupted_saves",
     "STATE_FILE", "init_distributed", "launch_parallel", "shard_range", "shutdown_distributed", "plot_history",
-    "ascii_curve", "smooth", "peak_memory_bytes",
+    "ascii_curve", "smooth", "peak_memory_bytes", "ConfigError",
 ]

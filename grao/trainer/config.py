@@ -6,8 +6,16 @@ else in the trainer defines an option.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import math
+import os
+from dataclasses import dataclass, fields
 from typing import Any
+
+from grao.baselines import GRPO_LOSS_TYPES
+from grao.demo import TASKS
+from grao.rewards import check_reward_spec
+from grao_kernels._checks import warn_unusual_weights
 
 METHODS = ("grao", "grpo", "sft", "dpo")
 LOSS_IMPLS = ("auto", "fused", "eager")
@@ -15,6 +23,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 REWARD_ERROR_MODES = ("raise", "drop_group")
 SAMPLE_SEEDINGS = ("auto", "batch", "prompt")
 PARALLELS = ("ddp", "fsdp")
+DPO_REJECTED = ("sample", "column")
+AUTO_BOOL = ("auto", "true", "false")
 
 
 @dataclass
@@ -83,31 +93,291 @@ class TrainConfig:
     eval_prompts: int = 64
     eval_batch_size: int = 64
     resume: bool = False
+    overwrite: bool = False  # replace a run already in output_dir (else it is refused unless resume)
     progress: bool = True
     plot: bool = True
     tensorboard: str = "auto"  # auto (when installed) | true | false
 
     def validate(self) -> TrainConfig:
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.loss_impl in LOSS_IMPLS, f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
-        need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
-        need(self.dpo_rejected in ("sample", "column"), f"dpo_rejected must be sample|column, got {self.dpo_rejected!r}")
-        need(self.on_reward_error in REWARD_ERROR_MODES,
-             f"on_reward_error must be one of {REWARD_ERROR_MODES}, got {self.on_reward_error!r}")
-        need(self.sample_seeding in SAMPLE_SEEDINGS,
-             f"sample_seeding must be one of {SAMPLE_SEEDINGS}, got {self.sample_seeding!r}")
-        need(self.parallel in PARALLELS, f"parallel must be one of {PARALLELS}, got {self.parallel!r}")
-        need(self.max_consecutive_skips >= 0, f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "steps"):
-            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.micro_batch_rows >= 0, f"micro_batch_rows must be >= 0, got {self.micro_batch_rows}")
-        need(self.micro_batch_tokens >= 0, f"micro_batch_tokens must be >= 0, got {self.micro_batch_tokens}")
-        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        if self.method == "grpo":
-            need(self.group_size >= 2, "grpo needs group_size >= 2 (advantages are normalised over the G samples)")
+        """Check (and normalise, e.g. ``bf16=True`` -> ``"true"``, ``lr="1e-4"`` -> ``1e-4``) every field against
+        :data:`OPTIONS`; raises :class:`ConfigError` naming the field and what it accepts. The CLI and the YAML
+        loader check each value they read with the same :func:`check_field`, so the messages are the same."""
+        for f in fields(self):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
+        if self.method == "grpo" and self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 with method grpo (its advantages are normalised over the "
+                              f"G samples), got {self.group_size}")
+        if self.task_max_len < self.task_min_len:
+            raise ConfigError(f"task_max_len must be >= task_min_len ({self.task_min_len}), got {self.task_max_len}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                              "overwrite replaces it")
+        warn_unusual_weights(self.beta, self.lam)
         return self
+
+
+# ------------------------------------------------------------------------------------ what each field accepts
+
+
+class ConfigError(ValueError):
+    """A TrainConfig value its field does not accept. The message starts with the field's name and says what
+    was expected and what was given (``group_size must be an integer >= 1, got 0``)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field: a one-line description and the values it accepts.
+
+    kind: ``int`` / ``float`` (with bounds ``low``/``high``, ``open_*``: bound excluded), ``bool``, ``choice``
+    (one of ``choices``), ``auto_bool`` (auto | true | false; a bool is accepted), ``text`` (non-empty string),
+    ``optional`` (None or non-empty string), ``file`` (None or an existing file), ``reward``, ``device``."""
+
+    help: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple = ()
+
+    def allowed(self) -> str:
+        """The accepted values in words ("an integer >= 1", "one of grao, grpo, sft, dpo", ...)."""
+        if self.kind in ("choice", "auto_bool"):
+            return "one of " + ", ".join(self.choices or AUTO_BOOL)
+        if self.kind in ("int", "float"):
+            noun = "an integer" if self.kind == "int" else "a number"
+            if self.low is not None and self.high is not None:
+                return (f"{noun} in {'(' if self.open_low else '['}{self.low:g}, "
+                        f"{self.high:g}{')' if self.open_high else ']'}")
+            if self.low is not None:
+                return f"{noun} {'>' if self.open_low else '>='} {self.low:g}"
+            return noun if self.kind == "int" else "a finite number"
+        return {"bool": "true or false", "text": "a non-empty string", "model": "a model directory, hub id or 'demo'", "optional": "a non-empty string",
+                "file": "an existing file", "device": "auto, cpu, cuda or cuda:N",
+                "reward": "a reward name, 'module:function', 'reward_model:<path>' or a list of them"}[self.kind]
+
+    def parse(self, value: Any) -> Any:
+        """``value`` (typed, or text from a flag or YAML) as the field's type; ValueError(problem) if refused."""
+        kind, problem = self.kind, f"must be {self.allowed()}, got {shown(value)}"
+        if kind in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError(problem)
+            try:
+                v = int(value) if kind == "int" and not isinstance(value, float) else float(value)
+            except ValueError:
+                raise ValueError(problem) from None
+            if (kind == "int" and isinstance(value, float)) or not math.isfinite(v):
+                raise ValueError(problem)
+            lo_bad = self.low is not None and (v <= self.low if self.open_low else v < self.low)
+            hi_bad = self.high is not None and (v >= self.high if self.open_high else v > self.high)
+            if lo_bad or hi_bad:
+                raise ValueError(problem)
+            return v
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(problem)
+            return value
+        if kind in ("choice", "auto_bool"):
+            choices = self.choices or AUTO_BOOL
+            text = str(value).lower() if kind == "auto_bool" and isinstance(value, (bool, str)) else value
+            if text not in choices:
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                raise ValueError(problem + (f" (did you mean {close[0]!r}?)" if close else ""))
+            return text
+        if kind == "reward":
+            check_reward_spec(value)
+            return value
+        if value is None and kind in ("optional", "file"):
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(problem)
+        if kind == "file" and not os.path.isfile(value):
+            raise ValueError(f"must be {self.allowed()}, got {value!r}, which "
+                             + ("is a directory" if os.path.isdir(value) else "does not exist"))
+        if kind == "device":
+            return check_device(value)
+        if kind == "model":
+            check_model_source(value)
+        return value
+
+
+def check_model_source(src: str) -> None:
+    """ValueError(problem) for a model that is neither 'demo', an existing directory, nor shaped like a Hugging
+    Face hub id ('name' or 'org/name'), before transformers is asked (which would fail with a hub error)."""
+    if src == "demo" or os.path.isdir(src):
+        return
+    expected = "a local model directory, a Hugging Face hub id or 'demo'"
+    if os.path.exists(src):
+        raise ValueError(f"must be {expected}, got {src!r}, which is a file")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(src)
+    except HFValidationError:
+        raise ValueError(f"must be {expected}, got {src!r}: no such directory") from None
+
+
+def shown(value: Any) -> str:
+    """A value as messages show it: numbers bare, also when they came as text (``--group-size 0`` and YAML
+    ``group_size: 0`` both read "got 0"), other strings quoted."""
+    if isinstance(value, str):
+        try:
+            float(value)
+            return value.strip()
+        except ValueError:
+            return repr(value)
+    return repr(value)
+
+
+def check_device(value: str) -> str:
+    """"auto", or a torch device that this machine has; ValueError(problem) otherwise."""
+    import torch
+    if value == "auto":
+        return value
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise ValueError(f"must be a device this machine has, got {value!r}: {why} "
+                             f"(torch {torch.__version__}); use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"must be a device this machine has, got {value!r}: "
+                             f"{torch.cuda.device_count()} CUDA device(s) visible")
+    return value
+
+
+def _int(help, low=None):
+    return Option(help, "int", low=low)
+
+
+def _num(help, low=None, high=None, open_low=False, open_high=False):
+    return Option(help, "float", low=low, high=high, open_low=open_low, open_high=open_high)
+
+
+def _choice(help, choices):
+    return Option(help, "choice", choices=tuple(choices))
+
+
+# Section -> field -> Option; ``grao train --help`` shows them in this order, with these descriptions.
+SECTIONS: dict[str, dict[str, Option]] = {
+    "model and data": {
+        "model": Option("the policy: a local model directory, a Hugging Face hub id, or 'demo' (a built-in tiny "
+                        "Llama, nothing downloaded)", "model"),
+        "tokenizer": Option("tokenizer directory or hub id, when not the model's", "optional"),
+        "data": Option("training records: a JSONL file (or a .json list) with 'prompt' and 'reference' (or "
+                       "'solution', 'chosen', 'answer'; HH-RLHF chosen/rejected dialogues); with --model demo "
+                       "the default is the synthetic --task", "file"),
+        "eval_data": Option("held-out records (same format) evaluated every --eval-every steps", "file"),
+        "task": _choice("synthetic task of the demo data: the answer reverses, copies, sorts or adds digits",
+                        TASKS),
+        "task_min_len": _int("shortest digit string of the synthetic task", 1),
+        "task_max_len": _int("longest digit string of the synthetic task (>= --task-min-len)", 1),
+        "task_train_size": _int("training prompts generated for the synthetic task", 1),
+        "task_eval_size": _int("held-out prompts generated for the synthetic task", 1),
+        "reward": Option("R(o, y): exact_match, token_f1, char_f1, reward_model:<path>, module:function, or "
+                         "several as 'a*0.5,b*0.5'", "reward"),
+        "on_reward_error": _choice("when the reward raises or returns None/NaN: raise (stop, naming it) or "
+                                   "drop_group (leave that prompt out of the step, counted)", REWARD_ERROR_MODES),
+        "trust_remote_code": Option("run a model repository's own Python code (off unless given)", "bool"),
+        "method": _choice("what to train with: GRAO, or a baseline on the same samples", METHODS),
+    },
+    "sampling": {
+        "group_size": _int("G: completions sampled per prompt (grpo: >= 2)", 1),
+        "prompts_per_step": _int("P: prompts per step, over all processes", 1),
+        "max_new_tokens": _int("longest sampled completion, in tokens", 1),
+        "temperature": _num("sampling temperature (paper 0.7); greedy (0) would make the G samples identical", 0,
+                            open_low=True),
+        "top_p": _num("nucleus sampling: the smallest token set with this probability mass (1: off)", 0, 1,
+                      open_low=True),
+        "sample_seeding": _choice("batch: one generate call on the global RNG; prompt: one call per prompt seeded "
+                                  "by (seed, step, prompt), the same samples on any number of processes; auto: "
+                                  "batch in one process, prompt in several", SAMPLE_SEEDINGS),
+        "max_prompt_length": _int("prompts are cut to this many tokens", 1),
+    },
+    "loss": {
+        "beta": _num("GRAO imitation weight (paper 0.5; values outside [0, 1] warn)"),
+        "lam": _num("GRAO alignment weight (paper 0.6; values outside [0, 1] warn)"),
+        "eps": _num("added to the group's reward standard deviation in the advantages", 0, open_low=True),
+        "reference_in_stats": Option("count the reference's reward in the group mean and std (spec default)",
+                                     "bool"),
+        "loss_impl": _choice("fused: grao_kernels, no [tokens x vocab] logits; eager: full logits; auto: fused "
+                             "when it imports", LOSS_IMPLS),
+        "loss_temperature": _num("logits are divided by this in the training loss", 0, open_low=True),
+        "dpo_beta": _num("DPO's beta", 0, open_low=True),
+        "dpo_rejected": _choice("DPO's rejected answer: the group's lowest-reward sample, or a 'rejected' column",
+                                DPO_REJECTED),
+        "grpo_epsilon": _num("GRPO's clipping range of the probability ratio", 0),
+        "grpo_kl_beta": _num("GRPO's KL weight against the initial policy (0: no reference model)", 0),
+        "grpo_loss_type": _choice("GRPO's token averaging, as TRL defines it", GRPO_LOSS_TYPES),
+    },
+    "optimisation": {
+        "steps": _int("optimizer steps of the run", 1),
+        "lr": _num("AdamW learning rate", 0, open_low=True),
+        "weight_decay": _num("AdamW weight decay (paper 0.01)", 0),
+        "adam_beta1": _num("AdamW beta1", 0, 1, open_high=True),
+        "adam_beta2": _num("AdamW beta2", 0, 1, open_high=True),
+        "max_grad_norm": _num("clip the gradient norm to this (0: no clipping)", 0),
+        "lr_schedule": _choice("learning rate after the warmup: constant, or linear / cosine decay to 0",
+                               SCHEDULES),
+        "warmup_steps": _int("steps of linear warmup", 0),
+        "micro_batch_rows": _int("rows per forward/backward pass, overriding --micro-batch-tokens (0: sized by "
+                                 "--micro-batch-tokens; exact either way)", 0),
+        "micro_batch_tokens": _int("token positions per forward/backward pass: whole groups while they fit, a "
+                                   "larger group split into row ranges (0: the whole step at once; exact either "
+                                   "way)", 0),
+        "prefix_sharing": Option("forward each prompt once for its G samples and reference answer, packed and "
+                                 "padding-free (Llama, Mistral, Qwen2/3 families); --no-prefix-sharing pads "
+                                 "every row", "bool"),
+        "max_consecutive_skips": _int("stop after this many steps in a row without an update (0: never)", 0),
+        "gradient_checkpointing": Option("recompute activations in the backward: less memory, slower", "bool"),
+        "bf16": Option("bf16 autocast on CUDA: auto (when the GPU supports it), true or false", "auto_bool"),
+        "attn_implementation": Option("attention kernel for transformers: sdpa, eager, flash_attention_2 "
+                                      "(needs flash-attn), ...", "text"),
+        "disable_dropout": Option("set every dropout probability to 0", "bool"),
+        "seed": _int("seed of the model init (demo), the data order and the sampling", 0),
+        "device": Option("auto: CUDA when available, else the CPU", "device"),
+        "parallel": _choice("with several processes: ddp (replicated model) or fsdp (FSDP2 sharding)", PARALLELS),
+    },
+    "output": {
+        "output_dir": Option("folder of the run (metrics.jsonl, checkpoints/, curves.png); one that holds "
+                             "another run is refused unless --resume or --overwrite", "text"),
+        "save_every": _int("write a checkpoint every N steps (0: only at the end)", 0),
+        "save_total_limit": _int("keep the N newest checkpoints (0: all)", 0),
+        "eval_every": _int("greedy reward on the held-out records every N steps (0: never)", 0),
+        "eval_prompts": _int("held-out prompts per evaluation", 1),
+        "eval_batch_size": _int("prompts per generate call when evaluating", 1),
+        "resume": Option("continue the run in --output-dir from its newest complete checkpoint", "bool"),
+        "overwrite": Option("replace the run in --output-dir (metrics, checkpoints, plots) by a new one", "bool"),
+        "progress": Option("progress bars (grao's and transformers')", "bool"),
+        "plot": Option("write curves.png at the end", "bool"),
+        "tensorboard": Option("TensorBoard logs in --output-dir/tensorboard: auto (when installed), true or false",
+                              "auto_bool"),
+    },
+}
+OPTIONS: dict[str, Option] = {name: opt for section in SECTIONS.values() for name, opt in section.items()}
+
+
+def check_field(name: str, value: Any) -> Any:
+    """``value`` checked (and, from text, converted) for field ``name``; ConfigError naming it otherwise.
+
+    A field without an entry in :data:`OPTIONS` is checked by its annotation (int, float, bool, str)."""
+    option = OPTIONS.get(name)
+    if option is None:
+        kind = {"int": "int", "float": "float", "bool": "bool"}.get(
+            str(TrainConfig.__dataclass_fields__[name].type), "any")
+        if kind == "any":
+            return value
+        option = Option("", kind)
+    try:
+        return option.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name} {exc}") from None
+
+
+def suggest_field(name: str) -> str:
+    """" (did you mean 'x'?)" for the field nearest to an unknown ``name``, or ""."""
+    close = difflib.get_close_matches(name, [f.name for f in fields(TrainConfig)], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -8,10 +8,11 @@ run the backbone to its last hidden states and hand those and the lm_head weight
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
-from grao.trainer.config import TrainConfig
+from grao.trainer.config import ConfigError, TrainConfig, check_model_source
 
 
 def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -36,11 +37,21 @@ def disable_dropout(model) -> None:
             m.p = 0.0
 
 
-def load_model_and_tokenizer(config: TrainConfig, source: str | None = None, device=None):
-    """The policy and its tokenizer: the demo model, or ``AutoModelForCausalLM.from_pretrained``."""
+def _where(src: str) -> str:
+    return "" if os.path.isdir(src) else " (not a local directory, so as a Hugging Face hub id)"
+
+
+def load_model_and_tokenizer(config: TrainConfig, source: str | None = None, device=None, *, name: str = "model"):
+    """The policy and its tokenizer: the demo model, or ``AutoModelForCausalLM.from_pretrained``.
+    ``name``: how errors call the source (``model``, ``base``, ...); a source that cannot be loaded is a
+    ConfigError naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = source or config.model
+    try:
+        check_model_source(src)
+    except ValueError as exc:
+        raise ConfigError(f"{name} {exc}") from None
     if src == "demo":
         from grao import demo
         tok = demo.build_tokenizer()
@@ -48,9 +59,17 @@ def load_model_and_tokenizer(config: TrainConfig, source: str | None = None, dev
     else:
         # trust_remote_code: a hub repository's own Python code runs only when the user asked for it
         remote = bool(config.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(config.tokenizer or src if source is None else src, trust_remote_code=remote)
+        tok_src, tok_name = (config.tokenizer, "tokenizer") if config.tokenizer and source is None else (src, name)
         kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=remote, **kwargs)
+        try:
+            tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=remote)
+        except OSError as exc:
+            raise ConfigError(f"{tok_name} {tok_src!r} cannot be loaded{_where(tok_src)}: "
+                              f"{str(exc).splitlines()[0]}") from exc
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=remote, **kwargs)
+        except OSError as exc:
+            raise ConfigError(f"{name} {src!r} cannot be loaded{_where(src)}: {str(exc).splitlines()[0]}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:

@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +33,67 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
              and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+class OutputDirError(ValueError):
+    """A new run's output_dir already holds another run (see :func:`claim_output_dir`)."""
+
+
+def run_summary(output_dir: str | os.PathLike) -> str | None:
+    """What of a grao run ``output_dir`` holds, in words (``metrics.jsonl with 4 steps, checkpoints up to step 4``),
+    or None when it holds none (missing, empty, or only files that grao does not write)."""
+    root = Path(output_dir)
+    parts = []
+    if (root / "metrics.jsonl").is_file():
+        with open(root / "metrics.jsonl", encoding="utf-8", errors="replace") as fh:
+            parts.append(f"metrics.jsonl with {sum(1 for line in fh if line.strip())} steps")
+    found = checkpoint_dirs(root)
+    if found:
+        parts.append(f"checkpoints up to step {int(found[-1].name[len(CHECKPOINT_PREFIX):])}")
+    elif (root / "checkpoints").is_dir() and any((root / "checkpoints").iterdir()):
+        parts.append("an incomplete checkpoint")
+    return ", ".join(parts) or None
+
+
+def clear_run(output_dir: str | os.PathLike) -> None:
+    """Remove what a grao run wrote into ``output_dir`` (and only that: other files stay)."""
+    root = Path(output_dir)
+    for name in ("checkpoints", "tensorboard"):
+        if (root / name).is_dir():
+            shutil.rmtree(root / name)
+    for name in ("metrics.jsonl", "metrics.jsonl.tmp", "curves.png", "summary.json"):
+        (root / name).unlink(missing_ok=True)
+    config = root / "config.json"  # the run's TrainConfig; a model's config.json (no "method") stays
+    try:
+        if {"method", "group_size", "output_dir"} <= set(json.loads(config.read_text(encoding="utf-8"))):
+            config.unlink()
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+def claim_output_dir(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path | None:
+    """Make ``output_dir`` hold one run only; return the checkpoint to resume from, or None for a new run.
+
+    * ``resume``: the newest complete checkpoint (after repairing an interrupted save). With none, a
+      UserWarning says so and the run starts anew (replacing what an earlier, checkpoint-less run logged).
+    * otherwise, a folder that holds a run is refused (:class:`OutputDirError`) unless ``overwrite``, which
+      removes that run's files first (:func:`clear_run`).
+    """
+    held = run_summary(output_dir)
+    if resume:
+        recover_interrupted_saves(output_dir)
+        found = checkpoint_dirs(output_dir)
+        if found:
+            return found[-1]
+        warnings.warn(f"resume: {output_dir} has no complete checkpoint to resume from"
+                      + (f" (it holds {held}, which this run replaces)" if held else "") + "; starting a new run",
+                      UserWarning, stacklevel=2)
+    elif held and not overwrite:
+        raise OutputDirError(f"output_dir {output_dir} already holds a run ({held}); use resume (--resume) to "
+                             f"continue it, overwrite (--overwrite) to replace it, or another output_dir")
+    if held:
+        clear_run(output_dir)
+    return None
 
 
 def recover_interrupted_saves(output_dir: str | os.PathLike) -> None:

@@ -29,13 +29,14 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grao.data import PromptSampler, load_records
+from grao.data import PromptSampler, load_records, warn_about_records
 from grao.rewards import resolve_reward
 from grao.trainer import checkpoint as ckpt
 from grao.trainer import distributed as dist
@@ -94,7 +95,7 @@ class Trainer:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
-        self.resume_from = self._find_resume_point() if cfg.resume else None
+        self.resume_from = self._claim_output_dir()
         self._init_model(model, tokenizer)
         self.loss_impl = resolve_loss_impl(cfg.loss_impl)
         self.autocast_dtype = autocast_dtype(cfg, self.device)
@@ -104,6 +105,13 @@ class Trainer:
             train_records, eval_records = self._default_records(eval_records)
         self.train_records = load_records(train_records)
         self.eval_records = load_records(eval_records) if eval_records else None
+        if self.is_main:  # data that would train silently badly: say so once
+            warn_about_records(self.train_records, self.tokenizer, name="data", prompts_per_step=cfg.prompts_per_step)
+            if self.eval_records:
+                warn_about_records(self.eval_records, self.tokenizer, name="eval_data")
+            if cfg.eval_data and not cfg.eval_every:
+                warnings.warn("eval_data is set but eval_every is 0: it is never evaluated during training",
+                              UserWarning, stacklevel=2)
         if cfg.method == "dpo" and cfg.dpo_rejected == "column" and "rejected" not in self.train_records[0]:
             raise ValueError("dpo_rejected='column' needs a 'rejected' column in the data")
         self.ref_model = None
@@ -158,13 +166,21 @@ class Trainer:
                                       "hold full model weights (an ordinary HF checkpoint, usable as --model) but "
                                       "not the sharded optimizer state")
 
-    def _find_resume_point(self) -> Path | None:
-        """The newest complete checkpoint of output_dir (rank 0 decides), after repairing interrupted saves."""
+    def _claim_output_dir(self) -> Path | None:
+        """The checkpoint to resume from, or None; a folder holding another run is refused unless resume or
+        overwrite (``checkpoint.claim_output_dir``). Rank 0 decides, every rank gets its answer or error."""
+        outcome = None
         if self.is_main:
-            ckpt.recover_interrupted_saves(self.output_dir)
-        found = ckpt.checkpoint_dirs(self.output_dir)
-        chosen = dist.all_gather(str(found[-1]) if found else None)[0]
-        return Path(chosen) if chosen else None
+            try:
+                found = ckpt.claim_output_dir(self.output_dir, resume=self.config.resume,
+                                              overwrite=self.config.overwrite)
+                outcome = ("ok", str(found) if found else None)
+            except ckpt.OutputDirError as exc:
+                outcome = ("error", str(exc))
+        kind, value = dist.all_gather(outcome)[0]
+        if kind == "error":
+            raise ckpt.OutputDirError(value)
+        return Path(value) if value else None
 
     def _init_model(self, model, tokenizer) -> None:
         """The policy on its device (from a checkpoint when resuming), with the run's model options."""

@@ -281,11 +281,11 @@ def test_yaml_config_cannot_run_code(tmp_path, tag):
     arg = f"touch {marker}" if tag.endswith("os.system") else str(marker)
     cfg = tmp_path / "evil.yaml"
     cfg.write_text(f"lr: 0.001\nseed: {tag} [{json.dumps(arg)}]\n")
-    with pytest.raises(SystemExit, match=r"evil\.yaml: refused: the config may hold only plain YAML values"):
+    with pytest.raises(ValueError, match=r"evil\.yaml: refused: the config may hold only plain YAML values"):
         build_config(build_parser().parse_args(["train", "--config", str(cfg)]))
     assert not marker.exists()
     cfg.write_text("lr: [0.001\n")
-    with pytest.raises(SystemExit, match=r"evil\.yaml: not valid YAML"):
+    with pytest.raises(ValueError, match=r"evil\.yaml: not valid YAML"):
         build_config(build_parser().parse_args(["train", "--config", str(cfg)]))
 
 

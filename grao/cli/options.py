@@ -1,0 +1,198 @@
+"""The CLI's options: one flag per TrainConfig field (help and checks from ``grao.trainer.config.SECTIONS``),
+the YAML ``--config`` loader, and an argparse parser whose errors are one ``grao: error: ...`` line.
+
+Every value is checked where it enters, with the messages of ``TrainConfig.validate``: a flag by its argparse
+``type`` (``--group-size must be an integer >= 1, got '0'``), a YAML key when the file is read
+(``run.yaml: group_size must be an integer >= 1, got 'four'``). Unknown options, keys and choices suggest
+the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+
+from grao.trainer.config import (
+    OPTIONS,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    check_field,
+    check_model_source,
+    suggest_field,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors as one line: ``grao: error: <what> (did you mean ...?)``, exit status 2."""
+
+    def error(self, message: str):
+        # "argument --group-size: must be ..." -> "--group-size must be ..." (the wording of TrainConfig.validate)
+        message = re.sub(r"^argument ([\w-]+)(?:/-[\w-]+)*: (?=must )", r"\1 ", message)
+        m = re.search(r"argument COMMAND: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip().strip("'") for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1)
+            message = (f"unknown command {m.group(1)!r} (" + (f"did you mean {close[0]!r}? " if close else "")
+                       + f"commands: {', '.join(choices)})")
+        self.exit(2, f"grao: error: {message}\n")
+
+    def unknown_arguments(self, extra: list[str]) -> None:
+        """Refuse arguments this (sub)command does not take, suggesting the nearest of its options."""
+        flags = [s for a in self._actions for s in a.option_strings if a.help != argparse.SUPPRESS]
+        option = next((x for x in extra if x.startswith("-")), None)
+        if option is None:
+            self.error(f"unexpected argument {extra[0]!r} (see {self.prog} --help)")
+        name = option.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"see {self.prog} --help"
+        self.error(f"{self.prog} has no option {name} ({hint})")
+
+
+def _metavar(name: str) -> str:
+    opt = OPTIONS.get(name)
+    if opt is None:
+        return "VALUE"
+    if opt.kind in ("choice", "auto_bool"):
+        return "{" + ",".join(opt.choices or ("auto", "true", "false")) + "}"
+    return {"int": "N", "float": "X", "file": "FILE", "reward": "REWARD", "device": "DEVICE"}.get(opt.kind, "TEXT")
+
+
+def _help(name: str, default, text: str | None = None) -> str:
+    opt = OPTIONS.get(name)
+    text = text or (opt.help if opt is not None else name.replace("_", " "))
+    allowed = f"{opt.allowed()}; " if opt is not None and opt.kind in ("int", "float", "device") else ""
+    shown = str(default).lower() if isinstance(default, bool) or default is None else default
+    return f"{text} ({allowed}default: {shown})".replace("%", "%%")
+
+
+def _checker(name: str):
+    def check(text: str):
+        try:
+            return check_field(name, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)[len(name) + 1:]) from None
+    return check
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = None, *, only: tuple = (),
+                     exclude: tuple = (), helps: dict[str, str] | None = None) -> None:
+    """One flag per TrainConfig field (``--group-size`` for group_size), grouped as in ``SECTIONS``; ``only``
+    limits them to the fields a command uses, ``helps`` replaces descriptions. Flags default to None (= not
+    given)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    sections = [(title, [n for n in fields if n in names]) for title, fields in SECTIONS.items()]
+    listed = {n for _, ns in sections for n in ns}
+    sections.append(("other", [n for n in names if n not in listed]))
+    for title, section in sections:
+        section = [n for n in section if n not in exclude and (not only or n in only)]
+        if not section:
+            continue
+        group = parser.add_argument_group(f"{title} options")
+        for name in section:
+            default = (defaults or {}).get(name, TrainConfig.__dataclass_fields__[name].default)
+            flag = "--" + name.replace("_", "-")
+            if OPTIONS.get(name) is not None and OPTIONS[name].kind == "bool":
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=_help(name, default, (helps or {}).get(name)))
+            else:
+                group.add_argument(flag, dest=name, type=_checker(name), default=None, metavar=_metavar(name),
+                                   help=_help(name, default, (helps or {}).get(name)))
+
+
+def load_yaml(path: str | None, *, exclude: dict[str, str] | None = None) -> dict:
+    """TrainConfig values from a YAML file, each checked as the flags are; errors name the file and the key.
+
+    Parsed with ``yaml.safe_load``: plain scalars, lists and mappings only, so a tag such as
+    ``!!python/object/apply:os.system`` is refused instead of running code. ``exclude``: keys a command sets
+    itself -> why (refused with that reason)."""
+    if not path:
+        return {}
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(f"{path}: refused: the config may hold only plain YAML values (strings, numbers, "
+                          f"booleans, lists, mappings), it is parsed with yaml.safe_load and never builds Python "
+                          f"objects; {exc.problem} {exc.problem_mark or ''}".strip()) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of training options (e.g. 'group_size: 8'), "
+                          f"got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        if key not in TrainConfig.__dataclass_fields__:
+            hint = suggest_field(str(key)) or " (see grao train --help; YAML keys are the option names with _)"
+            raise ConfigError(f"{path}: unknown option {key!r}{hint}")
+        if exclude and key in exclude:
+            raise ConfigError(f"{path}: {key!r} cannot be set here: {exclude[key]}")
+        try:
+            out[key] = check_field(key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return out
+
+
+def build_config(args: argparse.Namespace, base: dict | None = None, *, exclude: dict[str, str] | None = None
+                 ) -> TrainConfig:
+    """TrainConfig from: dataclass defaults < ``base`` < YAML ``--config`` < explicit flags; validated."""
+    values = dict(base or {})
+    values.update(load_yaml(getattr(args, "config", None), exclude=exclude))
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return TrainConfig(**values).validate()
+
+
+def comma_list(kind: str, choices: tuple = ()):
+    """argparse type: a comma-separated list of ``choices`` (kind "choice") or of integers >= 0 ("int")."""
+    what = f"a comma-separated list of {', '.join(choices)}" if kind == "choice" else \
+        "comma-separated integers >= 0"
+
+    def parse(text: str) -> list:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        for x in items:
+            ok = x in choices if kind == "choice" else x.isdigit()
+            if not ok:
+                close = difflib.get_close_matches(x, choices, n=1) if kind == "choice" else []
+                hint = (f" ({x!r}: did you mean {close[0]!r}?)" if close
+                        else f" ({x!r} is not {'one of them' if kind == 'choice' else 'an integer >= 0'})")
+                raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}{hint}")
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"must not repeat an item, got {text!r}")
+        return items if kind == "choice" else [int(x) for x in items]
+    return parse
+
+
+def model_source(text: str) -> str:
+    """argparse type: 'demo', an existing directory, or a name shaped like a Hugging Face hub id."""
+    try:
+        check_model_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)

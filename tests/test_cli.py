@@ -144,3 +144,13 @@ def test_no_progress_silences_every_bar_and_the_summary_shows_eval(tmp_path, cap
         assert "greedy reward on held-out prompts: step 1: " in shown.out
     finally:
         transformers.utils.logging.enable_progress_bar()
+
+
+def test_eval_takes_only_valid_settings_from_the_checkpoints_run(tmp_path):
+    from grao.cli.commands import run_values
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(
+        {"task": "sort", "seed": 3, "reward": "my_python_function", "lr": 0.1, "device": "cuda", "method": "grao"}))
+    assert run_values(str(ckpt)) == {"task": "sort", "seed": 3}  # a reward saved by name only is left to --reward
+    assert run_values(str(tmp_path / "run")) == {}  # not a checkpoint of a run

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from grao.cli.options import build_config
-from grao.trainer.config import ConfigError
+from grao.trainer.config import ConfigError, check_field
 
 # The built-in default (`grao demo` and `grao compare`): tuned to show a rising reward within a few
 # minutes on a 2-core CPU. Every value can be overridden with the same flags as `grao train`.
@@ -156,8 +156,16 @@ def run_values(checkpoint: str) -> dict:
         run = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    keep = [k for k in EVAL_FIELDS if k not in ("device", "data", "tokenizer")]
-    return {k: run[k] for k in keep if isinstance(run, dict) and k in run}
+    if not isinstance(run, dict):
+        return {}
+    out = {}
+    for key in EVAL_FIELDS:
+        if key in run and key not in ("device", "data", "tokenizer"):
+            try:  # e.g. a reward given as a Python callable is saved by name only: leave it to --reward
+                out[key] = check_field(key, run[key])
+            except ConfigError:
+                pass
+    return out
 
 
 def cmd_eval(args) -> int:

@@ -106,6 +106,39 @@ def test_reference_row_joins_each_group(trained):
 
 def test_trainer_loss_matches_eager_reference(trained):
     trainer, _, train, _ = trained
+    trainer.args.prefix_sharing = False  # TRL's left-padded layout, against a reference built from it
+    try:
+        _loss_matches_eager_reference(trainer, train)
+    finally:
+        trainer.args.prefix_sharing = True
+
+
+def test_prefix_sharing_matches_padded_rows(trained):
+    """The packed layout (default) gives the padded layout's loss and gradients when no prompt is padded."""
+    trainer, tok, train, _ = trained
+    by_len: dict[int, list[dict]] = {}
+    for rec in train:
+        by_len.setdefault(len(tok(rec["prompt"])["input_ids"]), []).append(rec)
+    recs = next(v for v in by_len.values() if len(v) >= 2)[:2]
+    model = trainer.model
+    model.train()
+    batch = trainer._generate_and_score_completions([recs[0]] * G + [recs[1]] * G)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for shared in (True, False):
+        trainer.args.prefix_sharing = shared
+        model.zero_grad(set_to_none=True)
+        trainer.compute_loss(model, batch).backward()
+        out[shared] = (sum(trainer._metrics["train"][f"grao/{k}"][-1] for k in COMPONENTS),
+                       [p.grad.detach().clone() for p in params])
+    trainer.args.prefix_sharing = True
+    model.zero_grad(set_to_none=True)
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-6, rel=1e-6)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _loss_matches_eager_reference(trainer, train):
     batch = getattr(trainer, "_grao_test_batch", None)
     if batch is None:
         trainer.model.train()

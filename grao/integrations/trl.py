@@ -40,8 +40,12 @@ Not supported (a clear error at construction or on the first batch): TRL's KL te
 ``num_iterations > 1``, ``multi_objective_aggregation="normalize_then_sum"``, entropy bonus /
 entropy masking, tools and environments, multimodal inputs. GRAO has no importance ratio, so
 TRL's ``loss_type``, ``epsilon``, ``scale_rewards`` and vLLM importance-sampling correction do
-not enter the loss. The backbone sees TRL's token layout (left-padded prompts, no ``position_ids``),
-so the log-probs are the ones TRL's own GRPO loss uses. Tested on CPU in one process with TRL
+not enter the loss. With ``prefix_sharing`` (default) each group is packed as ``[prompt, o_1..o_G, y]``
+(``grao.packing``): the prompt is forwarded once, padding-free, each completion attending to the prompt
+and to itself, positions counted from the prompt's first real token as during generation; the model
+must be of a family the packed attention serves (Llama, Mistral, Qwen2/3; others are refused at
+construction). With ``prefix_sharing=False`` the backbone sees TRL's token layout (left-padded prompts,
+no ``position_ids``), so the log-probs are the ones TRL's own GRPO loss uses. Tested on CPU in one process with TRL
 1.0.0 - 1.16.0 (tests/test_trl.py, ``TESTED_TRL_VERSIONS``); vLLM, DDP, FSDP, ZeRO-3 and PEFT follow
 TRL's mechanisms but are untested here.
 """
@@ -64,6 +68,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("grao.integrations.trl needs TRL: pip install 'grao-kernels[trl]' "
                       "(tested with trl 1.0.0 - 1.16.0)") from exc
 
+from grao.packed_attention import enable_prefix_sharing, packed_forward_kwargs
+from grao.packing import pack_rows
 from grao.trainer import lm_parts
 from grao_kernels import COMPONENTS, fused_linear_grao_loss, group_advantages
 
@@ -103,6 +109,9 @@ class GRAOConfig(GRPOConfig):
         default=None, metadata={"help": "Logits are divided by it in the loss; None: TRL's sampling `temperature`."})
     max_reference_length: int | None = field(
         default=None, metadata={"help": "Reference tokens kept (EOS included); None: `max_completion_length`."})
+    prefix_sharing: bool = field(
+        default=True, metadata={"help": "Forward each prompt once for its G samples and reference, packed and "
+                                        "padding-free (grao.packing); False: TRL's left-padded rows."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -180,6 +189,9 @@ class GRAOTrainer(GRPOTrainer):
         if not isinstance(args, GRAOConfig):
             raise TypeError(f"GRAOTrainer needs args=GRAOConfig(...), got {type(args).__name__}")
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if args.prefix_sharing:  # refuses an architecture the packed attention does not serve, here
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            enable_prefix_sharing(unwrapped.get_base_model() if hasattr(unwrapped, "peft_config") else unwrapped)
         self._grao_redirect = _ForwardRedirection()
         self._grao_sample_rewards = None
         if self.use_vllm and getattr(args, "vllm_importance_sampling_correction", False):
@@ -334,22 +346,36 @@ class GRAOTrainer(GRPOTrainer):
         return loss / normalizer
 
     def grao_hidden_and_head(self, unwrapped, inputs):
-        """(hidden [p*(G+1), C, D], weight [V, D], bias [V] | None, labels [p*(G+1), C]) of a GRAO batch.
+        """(hidden, weight [V, D], bias [V] | None, labels, cu_seqlens | None) of a GRAO batch.
 
-        ``hidden`` are the backbone's last hidden states at the positions that predict the C
-        completion columns; ``labels`` are the completion tokens, -100 on padding. Call inside the
-        lm_head gathering context (see ``_grao_forward``) when the head is ZeRO-3 partitioned.
+        Padded (``prefix_sharing=False``): hidden [p*(G+1), C, D] are the backbone's last hidden states at the
+        positions that predict the C completion columns, labels [p*(G+1), C] the completion tokens, -100 on
+        padding, cu_seqlens None. Packed (default): hidden [M, D] and labels [M] for the M completion tokens,
+        row after row, and cu_seqlens [p*(G+1) + 1]. Call inside the lm_head gathering context (see
+        ``_grao_forward``) when the head is ZeRO-3 partitioned.
         """
         prompt_ids, completion_ids = inputs["prompt_ids"].flatten(0, 1), inputs["completion_ids"].flatten(0, 1)
         prompt_mask, completion_mask = inputs["prompt_mask"].flatten(0, 1), inputs["completion_mask"].flatten(0, 1)
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "peft_config") else unwrapped  # PEFT: LoRA'd model
         backbone, head = lm_parts(base)
-        with self.accelerator.autocast():
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        hidden = hidden[:, prompt_ids.size(1) - 1:-1]  # state t predicts token t+1: the completion columns
-        labels = completion_ids.masked_fill(completion_mask == 0, -100)
+        cu_seqlens = None
+        if self.args.prefix_sharing:
+            keep_p, keep_c = prompt_mask.bool(), completion_mask.bool()
+            packed = pack_rows([(p[mp].tolist(), c[mc].tolist()) for p, mp, c, mc in
+                                zip(prompt_ids, keep_p, completion_ids, keep_c)]).to(prompt_ids.device)
+            kwargs = packed_forward_kwargs(packed.segments, prompt_ids.device)
+            with self.accelerator.autocast():
+                hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                                  **kwargs).last_hidden_state
+            hidden, labels, cu_seqlens = hidden[0].index_select(0, packed.source), packed.labels, packed.cu_seqlens
+        else:
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            with self.accelerator.autocast():
+                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+            hidden = hidden[:, prompt_ids.size(1) - 1:-1]  # state t predicts token t+1: the completion columns
+            labels = completion_ids.masked_fill(completion_mask == 0, -100)
         weight, bias = head.weight, getattr(head, "bias", None)
         if DTensor is not None and isinstance(weight, DTensor):  # FSDP2 (as TRL's add_fused_lm_head)
             weight = weight.full_tensor()
@@ -363,17 +389,18 @@ class GRAOTrainer(GRPOTrainer):
             dtype = hidden.dtype
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-        return hidden, weight, bias, labels
+        return hidden, weight, bias, labels, cu_seqlens
 
     def _grao_forward(self, unwrapped, inputs):
         """(loss, components [3]) of one GRAO batch; runs inside the wrapped model's forward."""
         head = unwrapped.get_output_embeddings()
         with _gather_lm_head(head.weight, getattr(head, "bias", None)):
-            hidden, weight, bias, labels = self.grao_hidden_and_head(unwrapped, inputs)
+            hidden, weight, bias, labels, cu_seqlens = self.grao_hidden_and_head(unwrapped, inputs)
             args = self.args
             temperature = args.loss_temperature if args.loss_temperature is not None else self.temperature
+            packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
             loss, stats = fused_linear_grao_loss(
                 hidden, weight, labels, inputs["grao_rewards"], beta=args.beta_imitation, lam=args.lam,
                 eps=args.advantage_eps, bias=bias, temperature=temperature,
-                reference_in_stats=args.reference_in_stats)
+                reference_in_stats=args.reference_in_stats, **packed)
         return loss, torch.stack([stats[name] for name in COMPONENTS])

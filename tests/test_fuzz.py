@@ -27,6 +27,9 @@ import grao_kernels._chunked as chunked
 from grao import GRAOInputError
 from tests.numerics import assert_no_worse_than_eager
 
+# beta and lam are drawn from [0, 2] on purpose: their "outside [0, 1]" UserWarning is expected here
+pytestmark = pytest.mark.filterwarnings(r"ignore:(beta|lam)=.* is outside \[0, 1\]:UserWarning")
+
 IGN = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-10)}

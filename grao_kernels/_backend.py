@@ -1,4 +1,4 @@
-"""Which implementation runs a call: the Triton kernels or the chunked PyTorch path."""
+"""Which implementation runs a call: the Triton kernels, the native CPU kernel or the chunked PyTorch path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from grao_kernels._checks import GRAOInputError
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "native")
 
 
 #: The CUDA design the Triton backend runs, read per call: "tiles" (the tile kernels of _triton_linear.py,
@@ -38,12 +38,21 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """"auto": Triton for CUDA tensors of fp32/bf16/fp16, the chunked PyTorch path otherwise
-    (CPU, float64). "triton" on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)."""
+    """"auto": Triton for CUDA tensors of fp32/bf16/fp16; for CPU fp32/bf16 tensors the native C++ kernel
+    (grao_kernels.cpu_native: built on first use, GRAO_KERNELS_CPU=chunked|native forces either path); the
+    chunked PyTorch path otherwise (float64, fp16, or when the native kernel cannot be built). "torch" is
+    the chunked path, "native" the C++ kernel. "triton" on CPU tensors needs TRITON_INTERPRET=1."""
     if backend not in BACKENDS:
         raise GRAOInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    if backend == "native" or (backend == "auto" and tensor.device.type == "cpu"):
+        from grao_kernels import cpu_native
+
+        if backend == "native":
+            cpu_native.require_native(tensor)
+            return "native"
+        return "native" if cpu_native.use_native(tensor) else "torch"
     usable = tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available()
     if backend == "auto":
         return "triton" if usable and tensor.is_cuda else "torch"

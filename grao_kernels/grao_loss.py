@@ -28,6 +28,7 @@ from grao_kernels._backend import cuda_design, resolve_backend
 from grao_kernels._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
 from grao_kernels._chunked import chunked_linear_logprob
 from grao_kernels._limits import GRAOUnsupportedError, PendingGrads, refuse_double_backward
+from grao_kernels.cpu_native import cpu_pass
 from grao_kernels.reference import (COMPONENTS, _group_advantages, compute_dtype, grao_objective, grao_row_grad,
                                     sequence_logprob)
 
@@ -81,9 +82,10 @@ def _chunked_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, referen
                                             ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
                                             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
     else:
-        out = chunked_linear_logprob(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
-                                     ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
-                                     need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
+        run = cpu_pass if design == "native" else chunked_linear_logprob  # native: csrc/grao_cpu.cpp
+        out = run(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
+                  ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
+                  need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
         logp, grads = out.logp, (out.grad_hidden, out.grad_weight, out.grad_bias)
     seq_logp = sequence_logprob(logp.view(labels.shape), mask)
     loss, parts = grao_objective(seq_logp, adv_acc, beta=beta, lam=lam)
@@ -108,7 +110,8 @@ def fused_linear_grao_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     args = (hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index, needs)
     if backend != "triton":
-        loss, components, adv, seq_logp, counts, grads = _chunked_pass(*args)
+        loss, components, adv, seq_logp, counts, grads = _chunked_pass(
+            *args, design="native" if backend == "native" else "chunked")
     elif cuda_design() == "gemm":
         loss, components, adv, seq_logp, counts, grads = _chunked_pass(*args, design="gemm")
     else:

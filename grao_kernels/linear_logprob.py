@@ -17,6 +17,7 @@ from grao_kernels._backend import cuda_design, resolve_backend
 from grao_kernels._checks import check_linear_inputs, check_scalar
 from grao_kernels._chunked import chunked_linear_logprob
 from grao_kernels._limits import refuse_double_backward
+from grao_kernels.cpu_native import cpu_pass
 from grao_kernels.reference import compute_dtype
 
 
@@ -31,8 +32,9 @@ def _forward(backend, hidden, weight, labels, bias, temperature, ignore_index, r
         from grao_kernels._triton_linear import triton_logprob_forward
         return triton_logprob_forward(hidden, weight, labels, bias, temperature=temperature,
                                       ignore_index=ignore_index, return_entropy=return_entropy)
-    out = chunked_linear_logprob(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
-                                 return_entropy=return_entropy)
+    run = cpu_pass if backend == "native" else chunked_linear_logprob  # native: csrc/grao_cpu.cpp
+    out = run(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
+              return_entropy=return_entropy)
     return out.logp, out.lse, out.entropy
 
 
@@ -49,9 +51,10 @@ def _backward(backend, hidden, weight, labels, bias, lse, grad_logp, temperature
         return triton_logprob_backward(hidden, weight, labels, bias, lse, grad_logp, temperature=temperature,
                                        ignore_index=ignore_index, need_hidden=need_hidden,
                                        need_weight=need_weight, need_bias=need_bias and bias is not None)
-    out = chunked_linear_logprob(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
-                                 grad_logp=grad_logp, backward_only=True, need_hidden=need_hidden,
-                                 need_weight=need_weight, need_bias=need_bias)  # recomputes its own lse
+    run = cpu_pass if backend == "native" else chunked_linear_logprob
+    out = run(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
+              grad_logp=grad_logp, backward_only=True, need_hidden=need_hidden,
+              need_weight=need_weight, need_bias=need_bias)  # recomputes its own lse
     return out.grad_hidden, out.grad_weight, out.grad_bias
 
 

@@ -1,0 +1,158 @@
+"""Native CPU path: the C++ kernel of csrc/grao_cpu.cpp, built on first use, behind the same torch.library ops.
+
+The ``linear_logprob`` and ``fused_linear_grao`` ops run it for CPU fp32 / bf16 tensors when it is
+available (float64, fp16 and ``return_entropy`` with fp16 keep the chunked PyTorch path of _chunked.py).
+It is built with ``torch.utils.cpp_extension.load`` (ninja and the system C++ compiler) the first time a
+process needs it, into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``),
+and reused from there by later processes while the source is unchanged. If it cannot be built or loaded,
+one warning line says why and the chunked path runs instead.
+
+``GRAO_KERNELS_CPU`` (read per call) picks the CPU path:
+
+* ``auto`` (default): the native kernel when it builds, else the chunked path (one warning);
+* ``native``: the native kernel, an error naming the build failure when it cannot be built;
+* ``chunked``: the chunked PyTorch path, the native kernel is never built.
+
+Build flags: ``-O3`` and OpenMP only, no ``-march``: the AVX-512 row kernel is compiled through a function
+target attribute and chosen at run time, so a build made on one x86-64 machine runs on any other
+(a CPU without AVX-512 runs the scalar kernel); the GEMMs are ATen's (MKL / oneDNN, which dispatch by CPU
+themselves, AMX / AVX512_BF16 for bf16 where present).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from grao_kernels._checks import GRAOInputError
+
+CPU_PATH_ENV = "GRAO_KERNELS_CPU"
+CPU_PATHS = ("auto", "native", "chunked")
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "grao_cpu.cpp"
+#: Extension name; bump the suffix when the C++ interface changes (the cache is keyed by name and source).
+EXTENSION_NAME = "grao_kernels_cpu_v1"
+#: fp32 logits workspace per tile ([tile rows x V]): small next to eager's [N x V], large enough that the
+#: per-tile GEMMs keep the BLAS near full speed (M = 128 rows at V = 32000) and that dW's rank-M update
+#: does not dominate (dW is read and written once per tile).
+TILE_BYTES = 16 * 2**20
+DTYPES = (torch.float32, torch.bfloat16)
+
+_lock = threading.Lock()
+_state: dict = {}  # "module": the loaded extension, or "error": why it could not be built
+
+
+class NativeBuildError(RuntimeError):
+    """GRAO_KERNELS_CPU=native was asked for and the native CPU kernel could not be built or loaded."""
+
+
+def cpu_path() -> str:
+    value = os.environ.get(CPU_PATH_ENV, "auto")
+    if value not in CPU_PATHS:
+        raise GRAOInputError(f"{CPU_PATH_ENV} must be one of {CPU_PATHS}, got {value!r}")
+    return value
+
+
+def _build():
+    if not SOURCE.is_file():
+        raise FileNotFoundError(f"{SOURCE} is missing (the native kernel needs the source tree)")
+    from torch.utils.cpp_extension import load
+
+    return load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def load_native():
+    """The built extension, or None (after one warning line) when it cannot be built; building happens once."""
+    with _lock:
+        if "module" not in _state and "error" not in _state:
+            try:
+                _state["module"] = _build()
+            except Exception as exc:  # noqa: BLE001 - compiler missing, build error, import error: all fall back
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                _state["error"] = f"{type(exc).__name__}: {reason}"
+                if cpu_path() == "auto":
+                    warnings.warn(f"grao_kernels: native CPU kernel unavailable ({_state['error']}); using the "
+                                  f"chunked PyTorch path (set {CPU_PATH_ENV}=chunked to skip the build)",
+                                  RuntimeWarning, stacklevel=3)
+        module = _state.get("module")
+    if module is None and cpu_path() == "native":
+        raise NativeBuildError(f"{CPU_PATH_ENV}=native but the native CPU kernel could not be built: "
+                               f"{_state['error']}")
+    return module
+
+
+@torch.compiler.assume_constant_result
+def native_enabled() -> bool:
+    """GRAO_KERNELS_CPU is not "chunked" and the kernel is built (building it on first use). Under torch.compile
+    it runs once while tracing and its answer is a constant of the graph (no lock or environment in the trace)."""
+    return cpu_path() != "chunked" and load_native() is not None
+
+
+@torch.compiler.assume_constant_result
+def native_built() -> bool:
+    """The kernel is built (building it on first use), whatever GRAO_KERNELS_CPU says; constant under compile."""
+    return load_native() is not None
+
+
+def use_native(tensor: torch.Tensor) -> bool:
+    """Whether backend "auto" runs the native kernel for ``tensor``: a CPU fp32 / bf16 tensor and native_enabled()."""
+    return tensor.device.type == "cpu" and tensor.dtype in DTYPES and native_enabled()
+
+
+def require_native(tensor: torch.Tensor) -> None:
+    """backend="native": a clear error unless ``tensor`` is a CPU tensor and the kernel is built (other float
+    dtypes are accepted: the op runs them on the chunked path, as it does for fp16 under autocast)."""
+    if tensor.device.type != "cpu":
+        raise GRAOInputError(f"backend='native' is the CPU kernel; got a tensor on {tensor.device}")
+    if not native_built():
+        raise NativeBuildError(f"backend='native': the native CPU kernel could not be built: {_state['error']}")
+
+
+def cpu_pass(hidden, weight, labels, bias, **kwargs):
+    """The op bodies' CPU pass for backend "native": the native kernel for fp32 / bf16, the chunked PyTorch
+    path for other dtypes (float64, or fp16 reaching the op under autocast). Arguments as ``native_pass``."""
+    if hidden.dtype in DTYPES and hidden.device.type == "cpu" and load_native() is not None:
+        return native_pass(hidden, weight, labels, bias, **kwargs)
+    from grao_kernels._chunked import chunked_linear_logprob
+
+    return chunked_linear_logprob(hidden, weight, labels, bias, **kwargs)
+
+
+def tile_rows(vocab: int, tile_bytes: int = TILE_BYTES) -> int:
+    """Tokens per tile so that the fp32 [rows x vocab] workspace fits ``tile_bytes`` (at least 16)."""
+    return max(16, int(tile_bytes) // (4 * max(1, vocab)))
+
+
+def native_pass(hidden, weight, labels, bias, *, temperature, ignore_index, return_entropy=False, grad_logp=None,
+                backward_only=False, need_hidden=True, need_weight=True, need_bias=True, tile_bytes=None, isa=0):
+    """The native counterpart of ``_chunked.chunked_linear_logprob`` (same arguments and ``ChunkedResult``).
+
+    Only tokens whose label is not ``ignore_index`` are visited; with ``backward_only`` also only those with
+    a non-zero incoming gradient. ``isa=1`` forces the scalar row kernel (tests of the non-AVX-512 build).
+    """
+    from grao_kernels._chunked import ChunkedResult
+
+    module = load_native()
+    if module is None:
+        raise NativeBuildError(f"native CPU kernel unavailable: {_state.get('error')}")
+    labels = labels.long().contiguous()
+    mask = labels != ignore_index
+    if grad_logp is not None:
+        grad_logp = grad_logp.to(torch.float32).contiguous()
+        if backward_only:
+            mask &= grad_logp != 0
+    rows = mask.nonzero().flatten()
+    weight = weight.contiguous()  # tied / transposed views: one copy, the kernel reads rows of W
+    want = grad_logp is not None
+    logp, lse, entropy, dh, dw, db = module.logprob_pass(
+        hidden, weight, labels, bias, rows, grad_logp, float(temperature), bool(return_entropy),
+        want and need_hidden, want and need_weight, want and need_bias and bias is not None,
+        tile_rows(weight.shape[0], TILE_BYTES if tile_bytes is None else tile_bytes), int(isa))
+    return ChunkedResult(logp=logp, lse=lse, entropy=entropy if return_entropy else None,
+                         grad_hidden=dh if want and need_hidden else None,
+                         grad_weight=dw if want and need_weight else None,
+                         grad_bias=db if want and need_bias and bias is not None else None)

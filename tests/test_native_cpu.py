@@ -1,0 +1,262 @@
+"""The native CPU kernel (csrc/grao_cpu.cpp via grao_kernels.cpu_native) against float64 and the chunked path.
+
+Every check compares with a float64 reference computed on the same (dtype-rounded) inputs: the native result
+may be no further from it than the eager path in the same dtype, plus a small tolerance (tests/numerics.py).
+fp32 and bf16; odd sizes (V not a multiple of the 16-lane vector), several ragged tiles, ignored tokens,
+empty rows, temperature, bias, tied weights, non-contiguous inputs; the scalar row kernel and the ATen GEMM
+fallback too; hypothesis fuzzing against the chunked PyTorch path. The kernel must build here: CI builds it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import grao_kernels
+from grao_kernels import cpu_native, reference
+from grao_kernels._backend import resolve_backend
+from grao_kernels._chunked import chunked_linear_logprob
+from grao_kernels._checks import GRAOInputError
+from tests.numerics import assert_no_worse_than_eager
+
+IGN = -100
+BF16 = torch.bfloat16
+TOL = {torch.float32: (1e-5, 1e-5), BF16: (1e-6, 4e-3)}  # bf16: a quarter of a bf16 ulp of the largest value
+FUZZ = settings(max_examples=40, deadline=None, derandomize=bool(os.environ.get("CI")), print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(autouse=True)
+def _default_cpu_path(monkeypatch):
+    monkeypatch.delenv(cpu_native.CPU_PATH_ENV, raising=False)
+
+
+def test_native_kernel_builds_and_is_chosen_on_cpu():
+    assert cpu_native.load_native() is not None, cpu_native._state.get("error")
+    h = torch.randn(3, 4)
+    assert resolve_backend("auto", h) == "native"
+    assert resolve_backend("auto", h.to(BF16)) == "native"
+    assert resolve_backend("auto", h.double()) == "torch"  # float64 keeps the chunked path
+    assert resolve_backend("auto", h.half()) == "torch"
+
+
+def problem(n=37, d=19, v=1003, *, seed=0, ignore_frac=0.3, bias=True, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64) * scale
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    b = torch.randn(v, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_frac] = IGN
+    return hidden, weight, b, labels
+
+
+def logprob_run(dtype, hidden, weight, bias, labels, grad, *, backend, temperature=0.7):
+    """linear_logprob forward + backward of sum(grad * logp); inputs cast to ``dtype`` (None: fp64 eager)."""
+    ins = [None if t is None else t.detach().to(dtype or torch.float64).requires_grad_() for t in (hidden, weight, bias)]
+    if dtype is None or backend == "eager":
+        logits = reference.linear_logits(ins[0], ins[1], ins[2], temperature)
+        logp = reference.token_logprobs(logits, labels, ignore_index=IGN)
+    else:
+        logp = grao_kernels.linear_logprob(ins[0], ins[1], labels, bias=ins[2], temperature=temperature,
+                                           backend=backend)
+    grads = torch.autograd.grad((logp * grad).sum(), [t for t in ins if t is not None])
+    return [logp.detach()] + list(grads)
+
+
+def check_all(got, eager, ref, dtype, names):
+    atol, rtol = TOL[dtype]
+    for name, g, e, r in zip(names, got, eager, ref, strict=True):
+        assert_no_worse_than_eager(g, e, r, atol=atol, rtol=rtol, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("case", ["odd", "bias_temp", "many_tiles", "all_ignored", "large_logits"])
+def test_linear_logprob_against_float64(dtype, case, monkeypatch):
+    kw = {"odd": {}, "bias_temp": {"n": 64, "d": 32, "v": 4096}, "many_tiles": {"n": 90, "v": 517},
+          "all_ignored": {"ignore_frac": 1.0}, "large_logits": {"scale": 30.0, "bias": False}}[case]
+    hidden, weight, bias, labels = problem(**kw)
+    if case == "many_tiles":  # 16-row tiles: 5 tiles, the last one ragged
+        monkeypatch.setattr(cpu_native, "TILE_BYTES", 16 * 4 * weight.shape[0])
+    grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad[::5] = 0.0  # tokens with no incoming gradient are skipped by the backward
+    temperature = 1.0 if case == "odd" else 0.7
+    rounded = [None if t is None else t.to(dtype) for t in (hidden, weight, bias)]
+    got = logprob_run(dtype, *rounded, labels, grad.float(), backend="native", temperature=temperature)
+    eager = logprob_run(dtype, *rounded, labels, grad.float(), backend="eager", temperature=temperature)
+    ref = logprob_run(None, *rounded, labels, grad, backend="eager", temperature=temperature)
+    assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1:])
+    check_all(got, eager, ref, dtype, ["logp", "dhidden", "dweight", "dbias"][:len(got)])
+    if case == "all_ignored":
+        assert all(int(torch.count_nonzero(g)) == 0 for g in got)
+
+
+def grao_problem(dtype, *, seed=0, temperature=0.8):
+    """P=2 prompts, G=3: 8 rows of T=7 tokens; row 1 (a sample) fully ignored (an empty row)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, seq, d, v = 8, 7, 24, 777
+    hidden = torch.randn(rows, seq, d, generator=gen, dtype=torch.float64).to(dtype).double()
+    weight = (torch.randn(v, d, generator=gen, dtype=torch.float64) / math.sqrt(d)).to(dtype).double()
+    bias = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.3).to(dtype).double()
+    labels = torch.randint(0, v, (rows, seq), generator=gen)
+    labels[:, :2] = IGN  # prompt positions
+    labels[1] = IGN
+    rewards = torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.5, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    return hidden, weight, bias, labels, rewards
+
+
+def grao_run(fn, dtype, hidden, weight, bias, labels, rewards, **kw):
+    ins = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias)]
+    loss, stats = fn(ins[0], ins[1], labels, rewards.to(torch.float32 if dtype != torch.float64 else dtype),
+                     bias=ins[2], temperature=0.8, **kw)
+    grads = torch.autograd.grad(loss, ins)
+    return [loss.detach(), stats["seq_logp"]] + list(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_fused_grao_loss_against_float64(dtype):
+    problem_ = grao_problem(dtype)
+    got = grao_run(grao_kernels.fused_linear_grao_loss, dtype, *problem_, backend="native")
+    eager = grao_run(reference.linear_grao_loss, dtype, *problem_)
+    ref = grao_run(reference.linear_grao_loss, torch.float64, *problem_)
+    check_all(got, eager, ref, dtype, ["loss", "seq_logp", "dhidden", "dweight", "dbias"])
+
+
+def test_tied_weights_and_noncontiguous_inputs():
+    """lm_head tied to the input embedding (both gradients land in one .grad), hidden a transposed view and the
+    weight a transposed view of a [D, V] tensor (non-contiguous)."""
+    gen = torch.Generator().manual_seed(3)
+    v, d, rows, seq = 301, 16, 4, 9
+    table = torch.randn(d, v, generator=gen, dtype=torch.float64) / 4  # weight = table.t(): non-contiguous [V, D]
+    ids = torch.randint(0, v, (rows, seq), generator=gen)
+    labels = torch.randint(0, v, (rows, seq), generator=gen)
+    labels[:, :3] = IGN
+    rewards = torch.tensor([[1.0, -1.0, 0.5, 0.0]], dtype=torch.float64)
+
+    def run(fn, dtype, base, **kw):
+        t = base.detach().to(dtype).clone().requires_grad_()
+        weight = t.t()
+        hidden = weight[ids].transpose(0, 1).contiguous().transpose(0, 1)  # [rows, seq, d], non-contiguous
+        assert not hidden.is_contiguous() and not weight.is_contiguous()
+        loss, _ = fn(hidden, weight, labels, rewards.to(dtype if dtype == torch.float64 else torch.float32), **kw)
+        loss.backward()
+        return [loss.detach(), t.grad]
+
+    for dtype in (torch.float32, BF16):
+        base = table.to(dtype).double()  # the float64 reference sees the same rounded values
+        got = run(grao_kernels.fused_linear_grao_loss, dtype, base, backend="native")
+        eager = run(reference.linear_grao_loss, dtype, base)
+        ref = run(reference.linear_grao_loss, torch.float64, base)
+        check_all(got, eager, ref, dtype, ["loss", "dtable"])
+
+
+@pytest.mark.parametrize("isa", [1, 2, 3], ids=["scalar_rows", "aten_gemms", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_fallback_kernels_against_float64(dtype, isa):
+    """The scalar row kernel (CPUs without AVX-512) and the ATen GEMMs (torch without MKL's bf16 GEMM)."""
+    hidden, weight, bias, labels = problem(n=45, d=21, v=515, seed=7)
+    grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
+    h, w, b = (t.to(dtype) for t in (hidden, weight, bias))
+    out = cpu_native.native_pass(h, w, labels, b, temperature=0.9, ignore_index=IGN, return_entropy=True,
+                                 grad_logp=grad, tile_bytes=16 * 4 * 515, isa=isa)
+    got = [out.logp, out.entropy, out.grad_hidden, out.grad_weight, out.grad_bias]
+    eager = chunked_linear_logprob(h, w, labels, b, temperature=0.9, ignore_index=IGN, return_entropy=True,
+                                   grad_logp=grad)
+    eager = [eager.logp, eager.entropy, eager.grad_hidden, eager.grad_weight, eager.grad_bias]
+    ref = chunked_linear_logprob(*(t.double() for t in (h, w)), labels, b.double(), temperature=0.9,
+                                 ignore_index=IGN, return_entropy=True, grad_logp=grad.double())
+    ref = [ref.logp, ref.entropy, ref.grad_hidden, ref.grad_weight, ref.grad_bias]
+    active = labels != IGN
+    got[1], eager[1], ref[1] = (e * active for e in (got[1], eager[1], ref[1]))  # entropy only where visited
+    check_all(got, eager, ref, dtype, ["logp", "entropy", "dhidden", "dweight", "dbias"])
+
+
+@st.composite
+def fuzz_problems(draw):
+    return {"n": draw(st.integers(1, 40)), "d": draw(st.integers(1, 33)), "v": draw(st.integers(2, 300)),
+            "dtype": draw(st.sampled_from([torch.float32, BF16])), "scale": 10.0 ** draw(st.floats(-2, 2)),
+            "temperature": 10.0 ** draw(st.floats(-2, 1)), "bias": draw(st.booleans()),
+            "ignore_frac": draw(st.sampled_from([0.0, 0.5, 0.95])), "tile": draw(st.sampled_from([None, 1])),
+            "seed": draw(st.integers(0, 2**31 - 1))}
+
+
+@FUZZ
+@given(p=fuzz_problems())
+def test_fuzz_native_against_chunked(p):
+    """Random shapes and scales: the native pass no further from float64 than the chunked path in the same dtype."""
+    hidden, weight, bias, labels = problem(p["n"], p["d"], p["v"], seed=p["seed"], ignore_frac=p["ignore_frac"],
+                                           bias=p["bias"], scale=p["scale"])
+    dtype = p["dtype"]
+    grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(p["seed"] % 1000), dtype=torch.float64)
+    h, w = hidden.to(dtype), weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    kw = {"temperature": p["temperature"], "ignore_index": IGN}
+    tile = None if p["tile"] is None else 4 * p["v"]  # a one-row budget: 16-row tiles (the minimum)
+    nat = cpu_native.native_pass(h, w, labels, b, grad_logp=grad.float(), tile_bytes=tile, **kw)
+    chk = chunked_linear_logprob(h, w, labels, b, grad_logp=grad.float(), **kw)
+    ref = chunked_linear_logprob(h.double(), w.double(), labels, None if b is None else b.double(),
+                                 grad_logp=grad, **kw)
+    atol, rtol = TOL[dtype]
+    for name in ("logp", "grad_hidden", "grad_weight", "grad_bias"):
+        n_, c_, r_ = getattr(nat, name), getattr(chk, name), getattr(ref, name)
+        if r_ is None:
+            assert n_ is None and c_ is None
+            continue
+        assert n_.dtype == c_.dtype and n_.shape == r_.shape
+        assert_no_worse_than_eager(n_, c_, r_, atol=atol, rtol=rtol, what=name)
+
+
+def test_environment_variable_forces_either_path(monkeypatch):
+    h = torch.randn(2, 3)
+    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "chunked")
+    assert resolve_backend("auto", h) == "torch"
+    assert resolve_backend("native", h) == "native"  # an explicit backend wins over the variable
+    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "native")
+    assert resolve_backend("auto", h) == "native"
+    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "fast")
+    with pytest.raises(GRAOInputError, match="GRAO_KERNELS_CPU must be one of"):
+        resolve_backend("auto", h)
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    def broken():
+        raise RuntimeError("Error building extension 'grao_kernels_cpu_v1'\nc++: not found")
+
+    monkeypatch.setattr(cpu_native, "_build", broken)
+    monkeypatch.setattr(cpu_native, "_state", {})
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    labels = torch.tensor([0, 3, IGN, 8, 1, 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_backend("auto", h) == "torch"
+        logp = grao_kernels.linear_logprob(h, w, labels)
+        logp.sum().backward()
+    mine = [str(c.message) for c in caught if "native CPU kernel" in str(c.message)]
+    assert len(mine) == 1 and "\n" not in mine[0] and "chunked PyTorch path" in mine[0], mine
+    ref = reference.token_logprobs(reference.linear_logits(h.double(), w.double()), labels)
+    assert torch.allclose(logp.double(), ref, atol=1e-5)
+    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "native")
+    with pytest.raises(cpu_native.NativeBuildError, match="could not be built.*c\\+\\+: not found"):
+        resolve_backend("auto", h)
+    with pytest.raises(cpu_native.NativeBuildError, match="backend='native'"):
+        monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "auto")
+        resolve_backend("native", h)
+
+
+def test_bad_input_names_the_problem():
+    h, w = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(GRAOInputError, match="backend must be one of"):
+        grao_kernels.linear_logprob(h, w, torch.zeros(4, dtype=torch.long), backend="cpp")
+    with pytest.raises(GRAOInputError, match="backend='native' is the CPU kernel"):
+        resolve_backend("native", h.to("meta"))
+    with pytest.raises(GRAOInputError, match="labels must be in"):
+        grao_kernels.linear_logprob(h, w, torch.tensor([0, 1, 5, 2]), backend="native")
+    with pytest.raises(RuntimeError, match="grao_cpu: dtype must be float32 or bfloat16"):
+        cpu_native.native_pass(h.half(), w.half(), torch.zeros(4, dtype=torch.long), None, temperature=1.0,
+                               ignore_index=IGN)

@@ -9,7 +9,8 @@ so the harness times and measures forward + backward the same way for all of the
 
 Implementations (``IMPLEMENTATIONS``):
 - ``eager``: ``grao.linear_grao_loss`` (materialises the [N, V] logits; the judge).
-- ``fused``: ``grao_kernels.fused_linear_grao_loss`` (Triton on CUDA, chunked PyTorch on CPU).
+- ``fused``: ``grao_kernels.fused_linear_grao_loss`` (Triton on CUDA, the native C++ kernel on CPU);
+  ``fused_chunked`` / ``logprob_chunked``: the same ops on the chunked PyTorch CPU path (GRAO_KERNELS_CPU=chunked).
 - ``liger_grpo``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (chunked PyTorch, github.com/linkedin/Liger-Kernel).
   It computes GRPO, not GRAO. It is fed the GRPO problem of the same N, D, V, on-policy, no KL,
   ``loss_type="grpo"``, with one advantage per row chosen so that its gradient equals GRAO's
@@ -202,6 +203,37 @@ def cuda_design(design: str):
             os.environ[CUDA_DESIGN_ENV] = old
 
 
+@contextlib.contextmanager
+def cpu_path(path: str):
+    """GRAO_KERNELS_CPU for the duration: "native" (csrc/grao_cpu.cpp) or "chunked" (the PyTorch chunked path)."""
+    from grao_kernels.cpu_native import CPU_PATH_ENV
+
+    old = os.environ.get(CPU_PATH_ENV)
+    os.environ[CPU_PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CPU_PATH_ENV, None)
+        else:
+            os.environ[CPU_PATH_ENV] = old
+
+
+def _cpu_chunked(op: str):
+    def factory(device):
+        if device.type != "cpu":
+            raise Unavailable("the chunked PyTorch path row is a CPU comparison (GRAO_KERNELS_CPU=chunked)")
+        inner = _fused(device) if op == "grao" else _logprob(None)(device)
+
+        def loss_fn(hidden, weight, labels, rewards, bias=None):
+            with cpu_path("chunked"):  # linear_logprob's backward runs the backend chosen in its forward
+                return inner(hidden, weight, labels, rewards, bias)
+
+        return loss_fn
+
+    return factory
+
+
 def _fused_gemm(device):
     if device.type != "cuda":
         raise Unavailable("the GEMM-chunk design is a CUDA path (cuBLAS GEMMs + a Triton row kernel)")
@@ -291,7 +323,7 @@ def _cce(device):
 IMPLEMENTATIONS: dict[str, Impl] = {
     "eager": Impl("eager", "GRAO", _eager, ("grao-kernels",), "grao.linear_grao_loss: full [N, V] logits"),
     "fused": Impl("fused", "GRAO", _fused, ("grao-kernels",),
-                  "grao_kernels.fused_linear_grao_loss: Triton on CUDA, chunked PyTorch on CPU"),
+                  "grao_kernels.fused_linear_grao_loss: Triton on CUDA, native C++ kernel on CPU"),
     "liger_grpo": Impl("liger_grpo", "GRPO (GRAO-equal gradient)", _liger, ("liger-kernel",),
                        "Liger-Kernel LigerFusedLinearGRPOLoss, loss_type='grpo', beta=0, on-policy, compiled=False"),
     "cce": Impl("cce", "GRAO via CCE per-token NLL", _cce, ("cut-cross-entropy",),
@@ -302,6 +334,12 @@ IMPLEMENTATIONS: dict[str, Impl] = {
     "logprob": Impl("logprob", "GRAO via linear_logprob", _logprob(None), ("grao-kernels",),
                     "grao_kernels.linear_logprob (gradient in backward, recompute) + reference.grao_loss",
                     op="logprob"),
+    # The CPU paths side by side (issue 11): "fused" / "logprob" take the native kernel on CPU, these the chunked one.
+    "fused_chunked": Impl("fused_chunked", "GRAO", _cpu_chunked("grao"), ("grao-kernels",),
+                          "fused_linear_grao_loss, chunked PyTorch path (GRAO_KERNELS_CPU=chunked)"),
+    "logprob_chunked": Impl("logprob_chunked", "GRAO via linear_logprob", _cpu_chunked("logprob"), ("grao-kernels",),
+                            "linear_logprob, chunked PyTorch path (GRAO_KERNELS_CPU=chunked) + reference.grao_loss",
+                            op="logprob"),
     "logprob_gemm": Impl("logprob_gemm", "GRAO via linear_logprob", _logprob("gemm"), ("grao-kernels",),
                          "linear_logprob, GEMM-chunk design + reference.grao_loss", op="logprob"),
 }

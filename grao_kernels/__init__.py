@@ -6,8 +6,9 @@ Public API:
     fused_linear_grao_loss(hidden, weight, labels, rewards, *, beta, lam, eps, bias, temperature,
                            ignore_index, reference_in_stats)
 
-CUDA tensors run Triton kernels; CPU (and float64) tensors run a chunked PyTorch path with the
-same semantics. Every path is tested against the eager reference, ``grao_kernels.reference``
+CUDA tensors run Triton kernels; CPU fp32 / bf16 tensors the native C++ kernel of csrc/ (built on
+first use, grao_kernels.cpu_native; GRAO_KERNELS_CPU=chunked|native forces a path), other CPU (and float64)
+tensors a chunked PyTorch path with the same semantics. Every path is tested against the eager reference, ``grao_kernels.reference``
 (the spec, docs/spec.md, in code; ``grao`` re-exports it), whose ``linear_grao_loss`` has the
 same signature, return value and errors as ``fused_linear_grao_loss``. ``COMPONENTS`` names the
 loss parts in the returned stats; bad input raises ``GRAOInputError`` (also ``grao.GRAOInputError``),

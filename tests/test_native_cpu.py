@@ -83,6 +83,8 @@ def test_linear_logprob_against_float64(dtype, case, monkeypatch):
     hidden, weight, bias, labels = problem(**kw)
     if case == "many_tiles":  # 16-row tiles: 5 tiles, the last one ragged
         monkeypatch.setattr(cpu_native, "TILE_BYTES", 16 * 4 * weight.shape[0])
+        monkeypatch.setattr(cpu_native, "MIN_TILE_ROWS", 16)
+        assert cpu_native.tile_rows(weight.shape[0]) == 16
     grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grad[::5] = 0.0  # tokens with no incoming gradient are skipped by the backward
     temperature = 1.0 if case == "odd" else 0.7
@@ -196,7 +198,7 @@ def test_fuzz_native_against_chunked(p):
     h, w = hidden.to(dtype), weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     kw = {"temperature": p["temperature"], "ignore_index": IGN}
-    tile = None if p["tile"] is None else 4 * p["v"]  # a one-row budget: 16-row tiles (the minimum)
+    tile = None if p["tile"] is None else 4 * p["v"]  # a one-row budget: one-token tiles
     nat = cpu_native.native_pass(h, w, labels, b, grad_logp=grad.float(), tile_bytes=tile, **kw)
     chk = chunked_linear_logprob(h, w, labels, b, grad_logp=grad.float(), **kw)
     ref = chunked_linear_logprob(h.double(), w.double(), labels, None if b is None else b.double(),

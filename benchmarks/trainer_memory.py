@@ -45,7 +45,10 @@ def one_point(args) -> dict:
                             tie_word_embeddings=False)
     model = LlamaForCausalLM._from_config(cfg_model, attn_implementation="sdpa").to(device)
     tok = demo.build_tokenizer()  # only pad/eos ids are used: rows are token ids already
+    # micro_batch_rows 0 = the whole batch in one pass, on padded rows, as when these numbers were taken
+    # (the trainer's defaults since then: prefix sharing and token-budget micro-batches, benchmarks/prefix_sharing.py)
     cfg = TrainConfig(method="grao", loss_impl=args.impl, micro_batch_rows=int(args.micro), group_size=args.G,
+                      micro_batch_tokens=0, prefix_sharing=False,
                       prompts_per_step=args.prompts, output_dir="runs/trainer_memory", progress=False, plot=False,
                       tensorboard="false", device=args.device, bf16="auto" if device.type == "cuda" else "false")
     records = [{"prompt": "x", "reference": "y"}]

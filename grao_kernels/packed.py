@@ -9,8 +9,9 @@ value, errors and numerics as the padded call; the eager twin is
 
 As in the padded op, dLoss/dlogp of every token is known before the forward (the advantages are
 constants, ``grao_row_grad``): per-row counts and sums are ``index_add`` over the row index, and the
-input gradients come out of the same pass as the log-probs (the chunked PyTorch pass on CPU / float64;
-on CUDA the Triton log-prob forward kernel, then its backward kernel fed that gradient). The small
+input gradients come out of the same pass as the log-probs (on CPU the native kernel or the chunked
+PyTorch pass, as the backend resolves; on CUDA the Triton log-prob forward kernel, then its backward
+kernel fed that gradient). The small
 per-prompt math is the reference's. Autograd's backward only scales the stored gradients; autocast,
 double backward, a second backward and unused gradients behave as for the padded op (``_autocast``,
 ``_limits``).
@@ -23,6 +24,7 @@ import torch
 from grao_kernels._autocast import register_autocast_rule
 from grao_kernels._chunked import chunked_linear_logprob
 from grao_kernels._limits import GRAOUnsupportedError, PendingGrads, refuse_double_backward
+from grao_kernels.cpu_native import cpu_pass
 from grao_kernels.reference import (
     COMPONENTS,
     _group_advantages,
@@ -55,10 +57,10 @@ def _packed_pass(hidden, weight, bias, labels, row_index, rewards, beta, lam, ep
             grads = triton_logprob_backward(hidden, weight, labels, bias, lse, grad_logp.float().contiguous(),
                                             temperature=temperature, ignore_index=ignore_index,
                                             need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-    else:
-        out = chunked_linear_logprob(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
-                                     grad_logp=grad_logp, need_hidden=needs[0], need_weight=needs[1],
-                                     need_bias=needs[2])
+    else:  # "native": csrc/grao_cpu.cpp as for the padded op (chunked for dtypes it does not serve)
+        run = cpu_pass if backend == "native" else chunked_linear_logprob
+        out = run(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
+                  grad_logp=grad_logp, need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
         logp, grads = out.logp, (out.grad_hidden, out.grad_weight, out.grad_bias)
     seq_logp = packed_sequence_logprob(logp.to(acc), mask, row_index, rows)
     loss, parts = grao_objective(seq_logp, adv, beta=beta, lam=lam)

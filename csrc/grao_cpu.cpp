@@ -31,6 +31,7 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -59,8 +60,21 @@ bf16_gemm_fn mkl_bf16_gemm() {
   return fn;
 }
 
+// A workspace mapped straight from the kernel and unmapped when the tensor dies: its pages are resident only
+// while the call uses them, whatever the allocator's mmap threshold (glibc raises it to the size of freed
+// mappings, up to 32 MiB, after which such buffers came from the heap and stayed in the RSS between calls).
+at::Tensor mapped_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = std::max<size_t>(1, static_cast<size_t>(numel) * c10::elementSize(dtype));
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(p != MAP_FAILED, "grao_cpu: could not map a ", bytes, "-byte workspace");
+  return at::from_blob(p, sizes, [bytes](void* q) { munmap(q, bytes); }, at::TensorOptions().dtype(dtype));
+}
+
 struct RowJob {
   float* z;              // [V] fp32 logits of the row (before bias / temperature); overwritten with dz if grads
+                         // (with exp(z - max) only, when dz16 is set and keep32 is not)
   const float* bias;     // [V] fp32 or nullptr
   int64_t vocab;
   float inv_t;           // 1 / temperature
@@ -68,7 +82,8 @@ struct RowJob {
   int64_t label;
   bool grads;            // write dz into z
   float coef;            // grad_logp / temperature
-  at::BFloat16* dz16;    // [V] bf16 copy of dz (bf16 inputs) or nullptr
+  at::BFloat16* dz16;    // [V] bf16 dz (bf16 inputs) or nullptr
+  bool keep32;           // also keep the fp32 dz in z (the bias gradient reads it)
   bool entropy;
 };
 
@@ -108,12 +123,16 @@ RowOut row_scalar(const RowJob& j) {
   out.entropy = j.entropy ? out.log_sum - t / s : 0.f;
   if (j.grads) {
     const float alpha = -j.coef / s;
-    for (int64_t k = 0; k < n; ++k) z[k] *= alpha;
-    z[j.label] += j.coef;
-    if (j.dz16) {
-      uint16_t* d16 = reinterpret_cast<uint16_t*>(j.dz16);
-      for (int64_t k = 0; k < n; ++k) d16[k] = bf16_bits(z[k]);
+    const float at_label = z[j.label] * alpha + j.coef;
+    uint16_t* d16 = reinterpret_cast<uint16_t*>(j.dz16);
+    if (!d16 || j.keep32) {
+      for (int64_t k = 0; k < n; ++k) z[k] *= alpha;
+      z[j.label] = at_label;
+      if (d16) for (int64_t k = 0; k < n; ++k) d16[k] = bf16_bits(z[k]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) d16[k] = bf16_bits(z[k] * alpha);
     }
+    if (d16) d16[j.label] = bf16_bits(at_label);
   }
   return out;
 }
@@ -191,19 +210,20 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
   out.logp = (picked - m) - out.log_sum;
   out.entropy = j.entropy ? out.log_sum - _mm512_reduce_add_ps(vt2) / s : 0.f;
   if (j.grads) {
-    const __m512 alpha = _mm512_set1_ps(-j.coef / s);
+    // one sweep: dz = e * alpha (+ coef at the label), written as fp32 in place and / or as bf16
+    const float a = -j.coef / s;
+    const float at_label = z[j.label] * a + j.coef;
+    const __m512 alpha = _mm512_set1_ps(a);
+    uint16_t* d16 = reinterpret_cast<uint16_t*>(j.dz16);
+    const bool f32 = !d16 || j.keep32;
     for (int64_t k = 0; k < n; k += 16) {
       const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
-      _mm512_mask_storeu_ps(z + k, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, z + k), alpha));
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, z + k), alpha);
+      if (f32) _mm512_mask_storeu_ps(z + k, mk, v);
+      if (d16) _mm256_mask_storeu_epi16(d16 + k, mk, to_bf16_avx512(v));
     }
-    z[j.label] += j.coef;
-    if (j.dz16) {
-      uint16_t* d16 = reinterpret_cast<uint16_t*>(j.dz16);
-      for (int64_t k = 0; k < n; k += 16) {
-        const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
-        _mm256_mask_storeu_epi16(d16 + k, mk, to_bf16_avx512(_mm512_maskz_loadu_ps(mk, z + k)));
-      }
-    }
+    if (f32) z[j.label] = at_label;
+    if (d16) d16[j.label] = bf16_bits(at_label);
   }
   return out;
 }
@@ -269,7 +289,9 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   at::Tensor ent = want_entropy ? at::zeros({n_tok}, f32) : at::empty({0}, f32);
   at::Tensor dh = grads && need_h ? at::zeros_like(hidden, at::MemoryFormat::Contiguous) : at::empty({0}, f32);
   // fp32 accumulator of dW: the output itself for fp32 weights, cast once at the end for bf16.
-  at::Tensor dw32 = grads && need_w ? at::zeros({vocab, dim}, f32) : at::empty({0}, f32);
+  at::Tensor dw32 = !(grads && need_w) ? at::empty({0}, f32)
+                    : weight.scalar_type() == at::kFloat ? at::zeros({vocab, dim}, f32)
+                                                         : mapped_empty({vocab, dim}, at::kFloat).zero_();
   const bool has_bias = bias.has_value();
   at::Tensor db32 = grads && need_b && has_bias ? at::zeros({vocab}, f32) : at::empty({0}, f32);
   at::Tensor bias32 = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -279,8 +301,8 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   }
   const int64_t tm = std::max<int64_t>(1, std::min(tile_rows, active));
   // Workspaces, once per call.
-  at::Tensor z_buf = at::empty({tm, vocab}, f32);
-  at::Tensor dz16_buf = grads && bf16 ? at::empty({tm, vocab}, hidden.options()) : at::Tensor();
+  at::Tensor z_buf = mapped_empty({tm, vocab}, at::kFloat);
+  at::Tensor dz16_buf = grads && bf16 ? mapped_empty({tm, vocab}, at::kBFloat16) : at::Tensor();
   at::Tensor h_buf = at::empty({tm, dim}, hidden.options());
   at::Tensor dh_buf = grads && need_h ? at::empty({tm, dim}, f32) : at::Tensor();
 
@@ -295,6 +317,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   const float* b32 = has_bias ? bias32.data_ptr<float>() : nullptr;
   const bool vec = !(isa & 1) && cpu_has_avx512();
   const bool direct = !(isa & 2) && mkl_bf16_gemm() != nullptr;
+  const bool keep32 = need_b && has_bias;  // the bias gradient sums the fp32 dz
 
   for (int64_t start = 0; start < active; start += tm) {
     const int64_t cnt = std::min(tm, active - start);
@@ -310,7 +333,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         const int64_t tok = row_ids[start + i];
         RowJob job{z + i * vocab, b32, vocab, inv_t, scale, lab[tok], grads,
                    grads ? static_cast<float>(g[tok] / temperature) : 0.f,
-                   dz16 ? dz16 + i * vocab : nullptr, want_entropy};
+                   dz16 ? dz16 + i * vocab : nullptr, keep32, want_entropy};
 #if GRAO_X86
         const RowOut o = vec ? row_avx512(job) : row_scalar(job);
 #else

@@ -13,8 +13,8 @@ is a completion token, as in ``benchmarks.compare``.
 
 Reported per row: time; time / floor, where floor = FLOPs / this machine's matmul rate measured in the same
 run (the [4096 x 512] x [512 x 32000] product in the row's dtype, median of 5, before and after the rows:
-the slower of the two is used, so load drift counts against the kernels); FLOPs = 6 N D V for the fused
-loss (logits, dhidden, dweight) and 8 N D V for linear_logprob (its backward recomputes the logits); extra
+the faster of the two is used, i.e. the shorter floor, so load drift counts against the kernels); FLOPs =
+6 N D V for the fused loss (logits, dhidden, dweight) and 8 N D V for linear_logprob (its backward recomputes the logits); extra
 memory = peak RSS above the inputs minus their gradients (dhidden + dweight, which every implementation
 returns), and that extra as a share of eager's. The 1-minute load average is recorded before and after.
 """
@@ -71,15 +71,15 @@ def main(argv=None) -> int:
         print(f"  {impl:<16} {p.label():<40} {res['status']:<6} "
               f"{(res['time_ms'] or 0):8.0f} ms  peak extra {(res['peak_extra_bytes'] or 0) / MIB:7.0f} MiB",
               flush=True)
-    for dt in rates:
-        rates[dt].append(matmul_rate(dt))
+    for dt, measured in rates.items():
+        measured.append(matmul_rate(dt))
     env["load1_end"] = load1()
     eager = {(r["point"]["dtype"], r["point"]["N"]): r for r in rows if r["impl"] == "eager" and r["status"] == "ok"}
     for r in rows:
         p = r["point"]
         if r["status"] != "ok":
             continue
-        rate = min(rates[p["dtype"]])
+        rate = max(rates[p["dtype"]])
         floor_s = FLOPS_PER_NDV[r["impl"]] * p["N"] * p["D"] * p["V"] / rate
         r["floor_ms"] = 1e3 * floor_s
         r["time_vs_floor"] = r["time_ms"] / r["floor_ms"]
@@ -101,22 +101,20 @@ def _f(x, fmt):
 
 
 def markdown(env: dict, rates: dict, rows: list[dict]) -> str:
-    lines = [
-        "# Native CPU kernel: time against the matmul floor, memory against eager", "",
-        f"Measured {env['date']} on {env['cpu_model']} ({env['cpu_cores']} cores, {env['torch_threads']} threads), "
-        f"torch {env['torch']}, commit {env.get('grao_kernels_commit')}; `{env['command']}`. 1-minute load "
-        f"average {env['load1_start']:.2f} at the start, {env['load1_end']:.2f} at the end (other processes "
-        "shared the machine when it is above ~0.5).", "",
-        "Matmul rate of a [4096 x 512] x [512 x 32000] torch.mm in the same run (start / end; the floor uses the "
-        "lower): " + "; ".join(f"{dt} {rates[dt][0] / 1e9:.0f} / {rates[dt][1] / 1e9:.0f} GFLOP/s" for dt in rates)
-        + ".", "",
-        "Forward + backward; every token a completion token. Floor = FLOPs / matmul rate, FLOPs = 6 N D V (fused "
-        "GRAO loss) or 8 N D V (linear_logprob, whose backward recomputes the logits; eager is charged 6). Extra "
-        "memory = peak RSS above the inputs minus dhidden + dweight.", "",
-        "| point | impl | time (ms) | floor (ms) | time / floor | time / eager | extra memory | extra / eager's |"
-        " load after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    measured = (f"Measured {env['date']} on {env['cpu_model']} ({env['cpu_cores']} cores, {env['torch_threads']} "
+                f"threads), torch {env['torch']}, commit {env.get('grao_kernels_commit')}; `{env['command']}`. "
+                f"1-minute load average {env['load1_start']:.2f} at the start, {env['load1_end']:.2f} at the end "
+                "(other processes shared the machine when it is above ~0.5).")
+    matmul = ("Matmul rate of a [4096 x 512] x [512 x 32000] torch.mm in the same run (start / end; the floor uses "
+              "the higher, the stricter floor): "
+              + "; ".join(f"{dt} {r[0] / 1e9:.0f} / {r[1] / 1e9:.0f} GFLOP/s" for dt, r in rates.items()) + ".")
+    method = ("Forward + backward; every token a completion token. Floor = FLOPs / matmul rate, FLOPs = 6 N D V "
+              "(fused GRAO loss) or 8 N D V (linear_logprob, whose backward recomputes the logits; eager is charged "
+              "6). Extra memory = peak RSS above the inputs minus dhidden + dweight.")
+    header = ("| point | impl | time (ms) | floor (ms) | time / floor | time / eager | extra memory | extra / eager's "
+              "| load after |")
+    lines = ["# Native CPU kernel: time against the matmul floor, memory against eager", "", measured, "", matmul, "",
+             method, "", header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         p = r["point"]
         shape = f"N={p['N']} D={p['D']} V={p['V']} {p['dtype']}"

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 import grao_kernels
 from grao_kernels import cpu_native, reference
 from grao_kernels._backend import resolve_backend
-from grao_kernels._chunked import chunked_linear_logprob
 from grao_kernels._checks import GRAOInputError
+from grao_kernels._chunked import chunked_linear_logprob
 from tests.numerics import assert_no_worse_than_eager
 
 IGN = -100

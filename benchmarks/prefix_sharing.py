@@ -11,7 +11,10 @@ Memory: ``peak_mib`` is the peak above the model's weights and optimizer state. 
 first allocates the AdamW state; then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``)
 and the peak RSS during the measured step minus the RSS just before it is reported (CUDA:
 ``max_memory_allocated`` minus ``memory_allocated`` before the step). Points run with
-``MALLOC_MMAP_THRESHOLD_=1048576`` so freed large buffers leave the RSS. ``step_s`` is that step's wall time.
+``MALLOC_MMAP_THRESHOLD_=1048576`` so freed large buffers leave the RSS, and on CPU with ``OMP_NUM_THREADS=1``
+(on a shared 2-core machine a 2-thread op stalls for a time slice whenever another process holds a core:
+measured ~8 ms per op whatever its size; unset it on a machine of your own). ``step_s`` is that step's
+wall time.
 
 Sweeps (completion length 128 unless said): prompt length at G = 8; G at prompt length 1024; and with
 the trainer's default settings (token-budget micro-batches) G at 512-token completions, where peak memory
@@ -115,6 +118,8 @@ def run_point(args, sweep, lp, lc, G, defaults, layout) -> dict:
     # a fixed mmap threshold: large buffers are returned to the OS when freed, so RSS follows live memory
     # (glibc's dynamic threshold otherwise moves peaks by ~one [V x D] buffer between runs; README)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576"))
+    if args.device == "cpu":  # one thread: on a shared machine 2-thread ops stall whenever another process runs
+        env.setdefault("OMP_NUM_THREADS", "1")
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=args.timeout)
     if res.returncode != 0:
         raise RuntimeError(f"point {sweep} {layout} Lp={lp} Lc={lc} G={G} failed:\n{res.stderr[-3000:]}")

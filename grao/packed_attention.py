@@ -75,16 +75,22 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: query head h reads key/value head h // groups
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    # split (not slices): the backward of a split is one concatenation, where each slice's backward would
+    # zero-fill a full-length gradient and add it (measured: ~1/4 of a tiny model's packed backward on CPU)
+    sizes = [seg.stop - seg.start for seg in packing.segments]
     pieces = []
-    for index, seg in enumerate(packing.segments):
-        p0, p1, end = seg.start, seg.prompt_stop, seg.stop
-        pieces.append(F.scaled_dot_product_attention(query[:, :, p0:p1], key[:, :, p0:p1], value[:, :, p0:p1],
-                                                     dropout_p=dropout, is_causal=True, scale=scaling))
-        if end > p1:
-            mask = packing.completion_mask(index, query.dtype, query.device)
-            pieces.append(F.scaled_dot_product_attention(query[:, :, p1:end], key[:, :, p0:end],
-                                                         value[:, :, p0:end], attn_mask=mask, dropout_p=dropout,
-                                                         scale=scaling))
+    for index, (seg, q, k, v) in enumerate(zip(packing.segments, *(t.split(sizes, dim=2) for t in (query, key, value)))):
+        lp, nc = seg.prompt_len, seg.stop - seg.prompt_stop
+        if nc == 0:
+            pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling))
+            continue
+        q_prompt, q_completions = q.split([lp, nc], dim=2)
+        k_prompt, v_prompt = k.narrow(2, 0, lp), v.narrow(2, 0, lp)
+        pieces.append(F.scaled_dot_product_attention(q_prompt, k_prompt, v_prompt, dropout_p=dropout, is_causal=True,
+                                                     scale=scaling))
+        mask = packing.completion_mask(index, query.dtype, query.device)
+        pieces.append(F.scaled_dot_product_attention(q_completions, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     scale=scaling))
     out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
     return out.transpose(1, 2).contiguous(), None
 

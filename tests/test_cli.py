@@ -59,7 +59,9 @@ def test_compare_writes_table_and_curves(tmp_path):
     table = (out / "table.md").read_text()
     assert "| SFT |" in table and "| GRAO |" in table and "Command:" in table
     res = json.loads((out / "results.json").read_text())
-    assert [r["seed"] for r in res["results"]["grao"]] == [0, 1]
+    assert res["methods"]["grao"]["seeds"] == [0, 1] and len(res["methods"]["sft"]["accuracy"]) == 2
+    runs = json.loads((out / "runs.json").read_text())
+    assert [r["seed"] for r in runs["results"]["grao"]] == [0, 1]
     assert (out / "curves.png").exists()
     assert len((out / "curves.jsonl").read_text().splitlines()) == 2 * 2 * 2
     assert main(argv) == 2  # its runs are there now: refused before training anything ...

@@ -121,6 +121,9 @@ def build_parser() -> Parser:
                    help="where each run's own folder (<method>-seed<seed>) goes (default: runs/compare-runs)")
     p.add_argument("--threads", type=nonnegative_int, default=1, metavar="N",
                    help="torch CPU threads (0: torch's default; default: 1, see grao demo --help)")
+    p.add_argument("--ablation", action="store_true", help="also train GRAO's ablations on the same seeds: "
+                   "exploration only (beta 0, lam 0), + imitation (lam 0), and reference_in_stats off "
+                   "(grao/cli/compare_report.py); written to ablation.json and the table")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     add_config_flags(p, DEMO_DEFAULTS, only=COMPARE_FIELDS)
     p.set_defaults(func=cmd_compare)

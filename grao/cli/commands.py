@@ -45,11 +45,12 @@ def quiet_progress(progress: bool) -> None:
         pass
 
 
-def ras_nag(evaluator, base_model, records, limit: int | None = None) -> dict:
+def ras_nag(evaluator, base_model, records, limit: int | None = None, keep_completions: bool = False) -> dict:
     """Greedy answers of the trained policy and of ``base_model`` on ``records`` (the first ``limit``), judged by
     the reward of ``evaluator`` (a Trainer or a RolloutEngine: anything with ``evaluate(records, model=...)``).
 
-    Returns {"reward_after", "reward_before", "ras", "nag", "prompts", "examples"}.
+    Returns {"reward_after", "reward_before", "ras", "nag", "prompts", "examples"} (and "completions", the
+    trained policy's answers, with ``keep_completions``).
     """
     records = records[:limit] if limit else records
     after = evaluator.evaluate(records)
@@ -59,7 +60,8 @@ def ras_nag(evaluator, base_model, records, limit: int | None = None) -> dict:
     return {"reward_after": sum(ra) / n, "reward_before": sum(rb) / n,
             "ras": sum(a > 0 for a in ra) / n, "nag": sum(a > b for a, b in zip(ra, rb)) / n, "prompts": n,
             "examples": [{"completion_after": a, "completion_before": b}
-                         for a, b in zip(after["completions"][:3], before["completions"][:3])]}
+                         for a, b in zip(after["completions"][:3], before["completions"][:3])],
+            **({"completions": after["completions"]} if keep_completions else {})}
 
 
 def _environment() -> dict:
@@ -216,6 +218,7 @@ def cmd_compare(args) -> int:
     """SFT, DPO, GRPO and GRAO on the same task, budget and seeds; a table and learning curves."""
     import torch
 
+    from grao.cli.compare_report import ABLATIONS, results_json, table_lines, truth_metrics
     from grao.trainer import Trainer, load_model_and_tokenizer, plot_history
     from grao.trainer.checkpoint import OutputDirError, run_summary
     if args.threads:
@@ -225,7 +228,10 @@ def cmd_compare(args) -> int:
     base_values.update({"save_every": 0, "progress": False, "plot": False})
     cfg = build_config(args, base_values, exclude=COMPARE_SETS)
     quiet_progress(cfg.progress)
-    run_dirs = {(m, s): Path(args.runs_dir) / f"{m}-seed{s}" for s in seeds for m in methods}
+    # arms: the methods, then (--ablation) the GRAO variants of compare_report.ABLATIONS not already among them
+    arms = list(methods) + ([a for a in ABLATIONS if a not in methods] if getattr(args, "ablation", False) else [])
+    spec = {a: ABLATIONS[a][1:] if a in ABLATIONS else (a, {}) for a in arms}
+    run_dirs = {(m, s): Path(args.runs_dir) / f"{m}-seed{s}" for s in seeds for m in arms}
     held = [f"{d.name}: {run_summary(d)}" for d in run_dirs.values() if run_summary(d)]
     if held and not cfg.overwrite:
         raise OutputDirError(f"--runs-dir {args.runs_dir} already holds {len(held)} of these runs ({held[0]}"
@@ -233,28 +239,33 @@ def cmd_compare(args) -> int:
                              f"--runs-dir")
     out = Path(args.compare_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[list[dict]]] = {m: [] for m in methods}
-    results: dict[str, list[dict]] = {m: [] for m in methods}
+    runs: dict[str, list[list[dict]]] = {m: [] for m in arms}
+    results: dict[str, list[dict]] = {m: [] for m in arms}
     t_all = time.perf_counter()
     for seed in seeds:
-        for method in methods:
-            run_cfg = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(run_dirs[method, seed]))
+        for arm in arms:
+            method, overrides = spec[arm]
+            run_cfg = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(run_dirs[arm, seed]),
+                                          **overrides)
             t0 = time.perf_counter()
             trainer = Trainer(run_cfg)
             history = trainer.train()
             base, _ = load_model_and_tokenizer(run_cfg, name="base")
             base.to(trainer.device)
-            res = ras_nag(trainer, base, trainer.eval_records, limit=run_cfg.eval_prompts)
+            res = ras_nag(trainer, base, trainer.eval_records, limit=run_cfg.eval_prompts, keep_completions=True)
+            held_out = trainer.eval_records[:run_cfg.eval_prompts]
+            res.update(truth_metrics(held_out, res.pop("completions")))
             res.update({"seed": seed, "seconds": time.perf_counter() - t0,
                         "final_train_reward": sum(h["reward_mean"] for h in history[-10:]) / min(10, len(history))})
-            results[method].append(res)
-            runs[method].append(history)
-            print(f"{method:>5} seed {seed}: held-out reward {res['reward_before']:.3f} -> {res['reward_after']:.3f}, "
-                  f"RAS {res['ras']:.3f}, NAG {res['nag']:.3f} ({res['seconds']:.0f} s)", flush=True)
+            results[arm].append(res)
+            runs[arm].append(history)
+            print(f"{arm:>5} seed {seed}: held-out reward {res['reward_before']:.3f} -> {res['reward_after']:.3f}, "
+                  f"accuracy vs truth {res['accuracy']:.3f}, RAS {res['ras']:.3f}, NAG {res['nag']:.3f} "
+                  f"({res['seconds']:.0f} s)", flush=True)
     keys = ("reward_after", "ras", "nag", "final_train_reward")
     lines = ["| method | held-out reward (greedy) | RAS | NAG | sampled reward, last 10 steps |",
              "|---|---|---|---|---|"]
-    for m in methods:
+    for m in arms:
         cells = {k: _mean_std([r[k] for r in results[m]]) for k in keys}
         lines.append(f"| {m.upper()} | " + " | ".join(f"{cells[k][0]:.3f} ± {cells[k][1]:.3f}" for k in keys) + " |")
     command = "grao " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
@@ -274,12 +285,26 @@ def cmd_compare(args) -> int:
               f"RAS = share with R(o, y) > 0; NAG = share where the trained model's answer scores higher than "
               f"the base model's (docs/spec.md).",
               ""]
-    (out / "table.md").write_text("\n".join(header + lines) + "\n", encoding="utf-8")
+    ref_acc = results[arms[0]][0]["reference_accuracy"]
+    truth = [f"Held-out accuracy against the truth (exact match, greedy); the references' own accuracy on these "
+             f"prompts is {ref_acc:.3f} ({results[arms[0]][0]['flawed_prompts']} of them have a wrong reference).",
+             "", *table_lines(results, methods), ""]
+    if len(arms) > len(methods):
+        truth += ["Ablation of GRAO (same task, seeds and budget):", "",
+                  *table_lines(results, [a for a in ABLATIONS if a in arms], {a: v[0] for a, v in ABLATIONS.items()}),
+                  ""]
+    (out / "table.md").write_text("\n".join(header + truth + ["Rewards:", ""] + lines) + "\n", encoding="utf-8")
     with open(out / "results.json", "w", encoding="utf-8") as fh:
+        json.dump(results_json(cfg.task, ref_acc, results, methods), fh, indent=1)
+    if len(arms) > len(methods):
+        with open(out / "ablation.json", "w", encoding="utf-8") as fh:
+            json.dump(results_json(cfg.task, ref_acc, results, [a for a in ABLATIONS if a in arms]), fh, indent=1)
+    with open(out / "runs.json", "w", encoding="utf-8") as fh:
         json.dump({"command": command, "environment": env, "config": dataclasses.asdict(cfg), "seeds": seeds,
-                   "results": results}, fh, indent=1, default=str)
+                   "ablations": {a: ABLATIONS[a] for a in arms if a in ABLATIONS}, "results": results}, fh,
+                  indent=1, default=str)
     with open(out / "curves.jsonl", "w", encoding="utf-8") as fh:
-        for m in methods:
+        for m in arms:
             for seed, h in zip(seeds, runs[m]):
                 fh.writelines(json.dumps({"method": m, "seed": seed, "step": row["step"],
                                          "reward_mean": row["reward_mean"], "loss": row["loss"],
@@ -287,5 +312,7 @@ def cmd_compare(args) -> int:
                              + "\n" for row in h)
     plot_history(runs, out / "curves.png", title=f"sampled reward on '{cfg.task}' (mean, band = min..max over seeds)")
     print("\n".join(lines))
-    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'curves.jsonl'}, {out / 'curves.png'}")
+    print("\n".join(truth))
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'runs.json'}, {out / 'curves.jsonl'}, "
+          f"{out / 'curves.png'}")
     return 0

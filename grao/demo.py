@@ -18,7 +18,7 @@ import torch
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=:>,")
-TASKS = ("reverse", "copy", "sort", "add")
+TASKS = ("reverse", "copy", "sort", "add", "copy_flawed")  # copy_flawed: grao/tasks_flawed.py
 
 
 def build_tokenizer():
@@ -66,6 +66,9 @@ def build_model(tokenizer, seed: int = 0, size: DemoModelConfig | None = None, a
 
 
 def make_example(task: str, rng: random.Random, min_len: int, max_len: int) -> dict:
+    if task == "copy_flawed":  # imperfect references on a documented subset (grao/tasks_flawed.py)
+        from grao import tasks_flawed
+        return tasks_flawed.make_example(rng, min_len, max_len)
     if task == "add":
         a, b = rng.randint(0, 10 ** max_len - 1), rng.randint(0, 10 ** max_len - 1)
         return {"prompt": f"{a}+{b}=", "reference": str(a + b)}

@@ -56,8 +56,10 @@ def test_plan_micro_batches_by_tokens():
     assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 3), (3, 6)]
     cfg.micro_batch_tokens = 25
     assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 6)]
-    cfg.micro_batch_tokens = 12  # group 1 alone is over: row ranges, each with its prompt (8 + 3, 8 + 3, 8 + 2)
-    assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 1), (1, 2), (2, 3), (3, 6)]
+    cfg.micro_batch_tokens = 12  # group 1 is over, but its completions (8 tokens) fit: not split
+    assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 3), (3, 6)]
+    cfg.micro_batch_tokens = 5  # group 1's completions are over: row ranges of <= 5 completion tokens
+    assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 1), (1, 3), (3, 6)]
     assert plan_micro_batches(cfg, rows, 3, splittable=False) == [(0, 3), (3, 6)]
     cfg.prefix_sharing = False  # padded: rows x longest row
     cfg.micro_batch_tokens = 24
@@ -70,6 +72,11 @@ def test_plan_micro_batches_by_tokens():
     cfg.prefix_sharing, cfg.micro_batch_tokens = True, 4096
     group = [([3] * 256, [4] * 512)] * 9
     assert plan_micro_batches(cfg, group, 9, splittable=True) == [(0, 5), (5, 9)]
+    # a prompt longer than the budget: one pass for the group, not one prompt forward per row
+    long_prompt = [([3] * 5000, [4] * 128)] * 9
+    assert plan_micro_batches(cfg, long_prompt, 9, splittable=True) == [(0, 9)]
+    cfg.prefix_sharing = False  # padded rows repeat the prompt anyway: one row per pass
+    assert plan_micro_batches(cfg, long_prompt, 9, splittable=True) == [(r, r + 1) for r in range(9)]
 
 
 def test_planned_passes_match_the_passes_made():

@@ -6,8 +6,9 @@ accumulate in ``.grad`` and the optimizer step is the trainer's. Every pass goes
 of the step's normaliser, times the world size that DDP / FSDP average over).
 
 Micro-batches (:func:`plan_micro_batches`) are contiguous row ranges: ``micro_batch_rows`` rows when it is
-set, else whole groups packed while the tokens one pass forwards fit ``micro_batch_tokens`` (a group over
-the budget on its own is split into row ranges, each forwarding its prompt again), else the whole step.
+set, else whole groups packed while the tokens one pass forwards fit ``micro_batch_tokens`` (a group whose
+completions alone are over the budget is split into row ranges, each forwarding its prompt again; the
+prompt is not counted then, so a long prompt costs one forward per range, not per row), else the whole step.
 So memory stays flat as G and lengths grow without the user sizing anything.
 
 GRAO micro-batching is exact because the advantages are constants computed once per group from all
@@ -96,8 +97,16 @@ def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable
     return balanced if len(balanced) == len(plan) else plan
 
 
+def _split_tokens(rows: Rows, shared: bool) -> int:
+    """What a range of one group's rows is held to when the group is split: packed, its completion tokens
+    only (every range forwards the whole prompt again, so splitting cannot shrink that part; a long prompt
+    must not turn into G + 1 prompt forwards); padded, the whole pass."""
+    return pass_tokens(rows, shared) - (len(rows[0][0]) if shared and rows else 0)
+
+
 def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: bool) -> list[tuple[int, int]]:
-    """Whole groups while the pass fits ``budget`` tokens; a group over it alone split into row ranges."""
+    """Whole groups while the pass fits ``budget`` tokens; a group whose completions alone are over it is
+    split into row ranges (see :func:`_split_tokens`)."""
     n = len(rows)
     out, start = [], 0
     for u0 in range(0, n, unit):
@@ -105,10 +114,12 @@ def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: b
         if start < u0 and pass_tokens(rows[start:u1], shared) > budget:
             out.append((start, u0))
             start = u0
-        if splittable and pass_tokens(rows[u0:u1], shared) > budget:  # the group alone is over: split it
+        if splittable and _split_tokens(rows[u0:u1], shared) > budget:  # the group alone is over: split it
+            if start < u0:
+                out.append((start, u0))
             a = u0
             for r in range(u0 + 1, u1):
-                if pass_tokens(rows[a:r + 1], shared) > budget:
+                if _split_tokens(rows[a:r + 1], shared) > budget:
                     out.append((a, r))
                     a = r
             out.append((a, u1))

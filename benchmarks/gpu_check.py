@@ -19,6 +19,8 @@ Budgeted to finish in under 8 minutes on one H100/H200:
    (torch.cuda.max_memory_allocated, inputs included) against hidden + weight + their gradients
    (the issue's target: <= 1.1x, an fp32 weight-gradient buffer allowed). ``summary.json`` holds one row
    per implementation and shape in the issue's form.
+4. with the time left, one GRAO update step with the shared-prompt packed layout against unshared padded
+   rows (``benchmarks/prefix_sharing.py --device cuda``, issue 15), written to ``$OUT/prefix/``.
 Every stage is guarded by the time limit and by try/except: the result files are always written.
 
 Peers on a machine without network: put wheels in .benchmarks/wheels/ first
@@ -215,11 +217,38 @@ def main(argv=None) -> int:
                                         else matmul_tflops("bf16"))
         save()
         run_points(args, report, log, save, device)
+        if elapsed() < args.time_limit:
+            print(f"[{elapsed():.0f}s] prefix sharing: one update step, shared vs unshared", flush=True)
+            report["prefix_sharing"] = run_prefix_sharing(args, device)
+            save()
     except Exception as exc:  # noqa: BLE001 - the report is written whatever happens
         log.append(f"aborted: {type(exc).__name__}: {exc}")
     save()
     print(to_markdown(report))
     return 0
+
+
+def run_prefix_sharing(args, device: str) -> dict:
+    """benchmarks/prefix_sharing.py on ``device`` in the time left (each point capped), results in OUT/prefix/;
+    returns its status and targets (speed-up and memory ratio at Lp=4096, longest prompt within budget)."""
+    out = os.path.join(args.out, "prefix")
+    left = max(30.0, args.time_limit + 60.0 - elapsed())
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "prefix_sharing.py"), "--device", device, "--out", out,
+           "--timeout", str(round(left / 3))]
+    if device == "cpu":  # --cpu-smoke: tiny shapes, the code path only
+        cmd += ["--prompt-lens", "16,32", "--groups", "2", "--g-prompt-len", "16", "--flat-groups", "2",
+                "--flat-prompt-len", "16", "--vocab", "512", "--hidden", "32", "--intermediate", "64", "--layers", "2"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=left, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "seconds": round(left)}
+    path = os.path.join(out, "summary.json")
+    targets = None
+    if res.returncode == 0 and os.path.exists(path):
+        with open(path) as fh:
+            targets = json.load(fh)["targets"]
+    return {"status": "ok" if res.returncode == 0 else "failed", "targets": targets, "out": out,
+            "stderr_tail": res.stderr[-1500:] if res.returncode else ""}
 
 
 def run_points(args, report, log, save, device: str = "cuda") -> None:

@@ -107,6 +107,8 @@ def points(args) -> list[tuple[str, int, int, int, bool]]:
     out += [("G", args.g_prompt_len, 128, G, False) for G in args.groups if G != 8 or args.g_prompt_len not in
             args.prompt_lens]
     out += [("defaults", args.flat_prompt_len, 512, G, True) for G in args.flat_groups]
+    # the same, the whole step in one pass: what the token budget bounds
+    out += [("one pass", args.flat_prompt_len, 512, G, False) for G in (min(args.flat_groups), max(args.flat_groups))]
     return out
 
 
@@ -149,6 +151,9 @@ def summarise(rows: list[dict], budget_mib: float) -> dict:
     flat = [r["peak_mib"] for r in rows if r["sweep"] == "defaults" and r.get("peak_mib") is not None]
     if flat:
         targets["defaults_Lc512_peak_max_over_min"] = round(max(flat) / min(flat), 3)
+    whole = [r["peak_mib"] for r in rows if r["sweep"] == "one pass" and r.get("peak_mib") is not None]
+    if len(whole) == 2:
+        targets["one_pass_Lc512_peak_max_over_min"] = round(max(whole) / min(whole), 3)
     return targets
 
 
@@ -176,11 +181,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                      and r["prompt_len"] == rows_g_prompt(rows)), key=lambda r: r["G"])
         if gr:
             axes[2].plot([r["G"] for r in gr], [r["peak_mib"] for r in gr], fmt, color=color,
-                         label=f"{layout}, one pass")
-    fl = sorted((r for r in rows if r["sweep"] == "defaults" and r.get("step_s") is not None), key=lambda r: r["G"])
-    if fl:
-        axes[2].plot([r["G"] for r in fl], [r["peak_mib"] for r in fl], "^-", color="tab:green",
-                     label=f"shared, defaults (completions {fl[0]['completion_len']}, prompt {fl[0]['prompt_len']})")
+                         label=f"{layout}, one pass (completions 128, prompt {gr[0]['prompt_len']})")
+    for sweep, fmt, color in (("defaults", "^-", "tab:green"), ("one pass", "v:", "tab:olive")):
+        fl = sorted((r for r in rows if r["sweep"] == sweep and r.get("step_s") is not None), key=lambda r: r["G"])
+        if fl:
+            axes[2].plot([r["G"] for r in fl], [r["peak_mib"] for r in fl], fmt, color=color,
+                         label=f"shared, {sweep} (completions {fl[0]['completion_len']}, prompt {fl[0]['prompt_len']})")
     axes[2].set_xscale("log", base=2)
     axes[2].set_yscale("log")
     axes[2].set_xlabel("G")
@@ -236,7 +242,7 @@ def main() -> int:
     over: set[tuple[str, str]] = set()  # (sweep, layout) that went over the budget
     for sweep, lp, lc, G, defaults in points(args):
         for layout in args.layouts.split(","):
-            if defaults and layout != "shared":
+            if (defaults or sweep == "one pass") and layout != "shared":
                 continue
             if (sweep, layout) in over:
                 rows.append({"sweep": sweep, "prompt_len": lp, "completion_len": lc, "G": G, "layout": layout,

@@ -104,7 +104,8 @@ def markdown(env: dict, rates: dict, rows: list[dict]) -> str:
     measured = (f"Measured {env['date']} on {env['cpu_model']} ({env['cpu_cores']} cores, {env['torch_threads']} "
                 f"threads), torch {env['torch']}, commit {env.get('grao_kernels_commit')}; `{env['command']}`. "
                 f"1-minute load average {env['load1_start']:.2f} at the start, {env['load1_end']:.2f} at the end "
-                "(other processes shared the machine when it is above ~0.5).")
+                "(other processes shared the machine when it is above ~0.5). \"load after\" is read right after each row "
+                "and includes this benchmark's own 2-thread workers.")
     matmul = ("Matmul rate of a [4096 x 512] x [512 x 32000] torch.mm in the same run (start / end; the floor uses "
               "the higher, the stricter floor): "
               + "; ".join(f"{dt} {r[0] / 1e9:.0f} / {r[1] / 1e9:.0f} GFLOP/s" for dt, r in rates.items()) + ".")

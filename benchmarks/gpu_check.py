@@ -51,7 +51,7 @@ def elapsed() -> float:
 
 def install_local_peers(log: list) -> None:
     """pip install --no-deps from .benchmarks/wheels the peers that are missing (no network needed)."""
-    from benchmarks.common import package_version
+    from benchmarks.implementations import package_version
 
     wheels = os.path.join(ROOT, ".benchmarks", "wheels")
     for dist, prefix in (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy")):
@@ -137,14 +137,14 @@ def points(smoke: bool = False):
 def floor_flops(impl: str, p) -> float:
     """The FLOP floor of the op a row measures: 6NDV for a GRAO loss (its per-token gradient is known before
     the forward), 8NDV through linear_logprob (forward, recompute, dh, dW)."""
-    from benchmarks.common import IMPLEMENTATIONS
+    from benchmarks.implementations import IMPLEMENTATIONS
 
     return (8.0 if IMPLEMENTATIONS[impl].op == "logprob" else 6.0) * p.N * p.D * p.V
 
 
 def summary(report: dict) -> dict:
     """summary.json: one row per implementation and shape (the issue's form)."""
-    from benchmarks.common import IMPLEMENTATIONS
+    from benchmarks.implementations import IMPLEMENTATIONS
 
     env = report.get("env", {})
     tflops = report.get("matmul_tflops_bf16")
@@ -201,7 +201,8 @@ def main(argv=None) -> int:
             print("gpu_check: no CUDA device here, nothing to check (use --cpu-smoke to test the script itself)")
             return 2
         install_local_peers(log)
-        from benchmarks.common import IMPLEMENTATIONS, environment
+        from benchmarks.common import environment
+        from benchmarks.implementations import IMPLEMENTATIONS
 
         report["env"] = environment(device, report["command"])
         report["impls"] = {n: {"computes": IMPLEMENTATIONS[n].computes, "note": IMPLEMENTATIONS[n].note,
@@ -254,7 +255,8 @@ def run_prefix_sharing(args, device: str) -> dict:
 def run_points(args, report, log, save, device: str = "cuda") -> None:
     import torch
 
-    from benchmarks.common import IMPLEMENTATIONS, measure
+    from benchmarks.common import measure
+    from benchmarks.implementations import IMPLEMENTATIONS
 
     impls = [i for i in args.impls.split(",") if i]
     peak = report.get("matmul_tflops_bf16")

@@ -10,7 +10,7 @@ installed or cannot run on this device are skipped with the reason.
 The checks make sure the comparison is fair: every implementation's loss gradient (hidden, weight)
 at a small fp32 point agrees with the float64 eager reference as closely as the eager fp32 path
 does (Liger's GRPO is fed advantages that give the GRAO gradient, see
-``benchmarks.common.grao_equivalent_advantages``), and the harness records OOM rather than dropping it.
+``benchmarks.implementations.grao_equivalent_advantages``), and the harness records OOM rather than dropping it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.common import IMPLEMENTATIONS, Point, make_inputs, step
+from benchmarks.common import Point, make_inputs, step
+from benchmarks.implementations import IMPLEMENTATIONS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -122,20 +122,25 @@ def fused_linear_grao_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     return loss.to(acc), components.to(acc), adv, seq_logp.to(acc), counts.long(), dh, dw, db
 
 
-@fused_linear_grao_op.register_fake
-def _(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index,
-      need_hidden, need_weight, need_bias, backend):
+def fake_grao_outputs(hidden, weight, bias, rewards, rows: int, need_hidden, need_weight, need_bias):
+    """Meta outputs of a fused GRAO op (padded or token-packed) with ``rows`` = B sequences."""
     acc = compute_dtype(hidden.dtype)
-    rows = labels.shape[0]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(3, dtype=acc),
             rewards.new_empty(rewards.shape, dtype=compute_dtype(rewards.dtype)), hidden.new_empty(rows, dtype=acc),
-            labels.new_empty(rows, dtype=torch.int64),
+            hidden.new_empty(rows, dtype=torch.int64),
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
+@fused_linear_grao_op.register_fake
+def _(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index,
+      need_hidden, need_weight, need_bias, backend):
+    return fake_grao_outputs(hidden, weight, bias, rewards, labels.shape[0], need_hidden, need_weight, need_bias)
+
+
+def handover_setup_context(ctx, inputs, output):
+    """setup_context of a fused GRAO op (padded or token-packed): outputs 5.. are the input gradients."""
     ctx.mark_non_differentiable(*output[1:])
     # Only the loss receives a gradient; without this autograd would materialise zero "gradients"
     # for the other outputs, dweight's shape among them (a transient [V, D] buffer at the peak).
@@ -151,25 +156,33 @@ def _setup_context(ctx, inputs, output):
         ctx.grads = PendingGrads(list(output[5:]))
 
 
-def _autograd_backward(ctx, grad_loss, *_unused):
-    if ctx.grads is None:  # traced by torch.compile: functional
-        return tuple(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype)
-                     for g in ctx.saved_tensors) + (None,) * 12
-    refuse_double_backward("fused_linear_grao_loss", "grao.linear_grao_loss", ctx.grads)
-    grads = ctx.grads.take()  # ctx lets go: after return the result holds the only reference
-    if grads is None:
-        raise GRAOUnsupportedError("fused_linear_grao_loss: backward through the same loss twice is not supported "
-                                   "(its gradients are computed in the forward and handed over once); "
-                                   "call the loss again for a second backward")
-    return tuple(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype))
-                 for g in grads) + (None,) * 12
+def handover_backward(op_name: str, non_tensor_args: int):
+    """The backward of a fused GRAO op: the forward's gradients scaled by the incoming one (in place, handed
+    over once); ``non_tensor_args`` inputs after hidden, weight, bias get no gradient.
+
+    Wrapped in torch.compiler.disable: when a compiled step graph-breaks at loss.backward(), the engine
+    calls this Python backward with dynamo's frame hook still set (CPU autograd runs on the caller's
+    thread); without it dynamo compiled it into a graph of its own (issue 13: the extra graph in
+    torch._dynamo.explain). Compiled graphs are unaffected: AOTAutograd traces the backward without dynamo.
+    """
+    def backward(ctx, grad_loss, *_unused):
+        if ctx.grads is None:  # traced by torch.compile: functional
+            return tuple(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype)
+                         for g in ctx.saved_tensors) + (None,) * non_tensor_args
+        refuse_double_backward(op_name, "grao.linear_grao_loss", ctx.grads)
+        grads = ctx.grads.take()  # ctx lets go: after return the result holds the only reference
+        if grads is None:
+            raise GRAOUnsupportedError(f"{op_name}: backward through the same loss twice is not supported "
+                                       "(its gradients are computed in the forward and handed over once); "
+                                       "call the loss again for a second backward")
+        return tuple(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype))
+                     for g in grads) + (None,) * non_tensor_args
+
+    return torch.compiler.disable(backward)
 
 
-# torch.compiler.disable: when a compiled step graph-breaks at loss.backward(), the engine calls this Python
-# backward with dynamo's frame hook still set (CPU autograd runs on the caller's thread); without it dynamo
-# compiled it into a graph of its own (issue 13: the extra graph in torch._dynamo.explain). Compiled graphs
-# are unaffected: AOTAutograd traces the backward without dynamo.
-fused_linear_grao_op.register_autograd(torch.compiler.disable(_autograd_backward), setup_context=_setup_context)
+fused_linear_grao_op.register_autograd(handover_backward("fused_linear_grao_loss", 12),
+                                      setup_context=handover_setup_context)
 # Under autocast: hidden, weight, bias cast to the autocast dtype (as nn.Linear), the op run with autocast off.
 register_autocast_rule("fused_linear_grao", cast_args=(0, 1, 2))
 

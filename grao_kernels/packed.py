@@ -23,8 +23,12 @@ import torch
 
 from grao_kernels._autocast import register_autocast_rule
 from grao_kernels._chunked import chunked_linear_logprob
-from grao_kernels._limits import GRAOUnsupportedError, PendingGrads, refuse_double_backward
 from grao_kernels.cpu_native import cpu_pass
+from grao_kernels.grao_loss import (
+    fake_grao_outputs,
+    handover_backward,
+    handover_setup_context,
+)
 from grao_kernels.reference import (
     COMPONENTS,
     _group_advantages,
@@ -90,42 +94,14 @@ def fused_linear_grao_packed_op(hidden: torch.Tensor, weight: torch.Tensor, bias
 @fused_linear_grao_packed_op.register_fake
 def _(hidden, weight, bias, labels, row_index, rewards, beta, lam, eps, reference_in_stats, temperature,
       ignore_index, need_hidden, need_weight, need_bias, backend):
-    acc = compute_dtype(hidden.dtype)
     rows = rewards.shape[0] * rewards.shape[1]
-    return (hidden.new_empty((), dtype=acc), hidden.new_empty(3, dtype=acc),
-            rewards.new_empty(rewards.shape, dtype=compute_dtype(rewards.dtype)), hidden.new_empty(rows, dtype=acc),
-            labels.new_empty(rows, dtype=torch.int64),
-            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0))
+    return fake_grao_outputs(hidden, weight, bias, rewards, rows, need_hidden, need_weight, need_bias)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-    if torch.compiler.is_compiling():
-        ctx.save_for_backward(*output[5:])
-        ctx.grads = None
-    else:  # eager: hand the stored gradients over once, scaled in place (as the padded op does)
-        ctx.grads = PendingGrads(list(output[5:]))
-
-
-def _backward(ctx, grad_loss, *_unused):
-    if ctx.grads is None:
-        return tuple(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype)
-                     for g in ctx.saved_tensors) + (None,) * 13
-    refuse_double_backward("fused_linear_grao_loss (token-packed)", "grao.linear_grao_loss", ctx.grads)
-    grads = ctx.grads.take()
-    if grads is None:
-        raise GRAOUnsupportedError("fused_linear_grao_loss (token-packed): backward through the same loss twice is "
-                                   "not supported (its gradients are computed in the forward and handed over once); "
-                                   "call the loss again for a second backward")
-    return tuple(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype))
-                 for g in grads) + (None,) * 13
-
-
-# as the padded op: no dynamo frame for the eager backward; autocast casts hidden, weight, bias once
-fused_linear_grao_packed_op.register_autograd(torch.compiler.disable(_backward), setup_context=_setup_context)
+# as the padded op: gradients handed over once, no dynamo frame for the eager backward; autocast casts
+# hidden, weight, bias once
+fused_linear_grao_packed_op.register_autograd(handover_backward("fused_linear_grao_loss (token-packed)", 13),
+                                             setup_context=handover_setup_context)
 register_autocast_rule("fused_linear_grao_packed", cast_args=(0, 1, 2))
 
 

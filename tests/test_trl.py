@@ -113,16 +113,22 @@ def test_trainer_loss_matches_eager_reference(trained):
         trainer.args.prefix_sharing = True
 
 
-def test_prefix_sharing_matches_padded_rows(trained):
-    """The packed layout (default) gives the padded layout's loss and gradients when no prompt is padded."""
-    trainer, tok, train, _ = trained
+def _equal_prompt_length_batch(trainer, tok, train):
+    """Two groups of G samples for two prompts of the same token length (so no prompt is padded),
+    generated and scored by the trainer, with its model in train mode -> (the two records, the batch)."""
     by_len: dict[int, list[dict]] = {}
     for rec in train:
         by_len.setdefault(len(tok(rec["prompt"])["input_ids"]), []).append(rec)
     recs = next(v for v in by_len.values() if len(v) >= 2)[:2]
+    trainer.model.train()
+    return recs, trainer._generate_and_score_completions([recs[0]] * G + [recs[1]] * G)
+
+
+def test_prefix_sharing_matches_padded_rows(trained):
+    """The packed layout (default) gives the padded layout's loss and gradients when no prompt is padded."""
+    trainer, tok, train, _ = trained
     model = trainer.model
-    model.train()
-    batch = trainer._generate_and_score_completions([recs[0]] * G + [recs[1]] * G)
+    _, batch = _equal_prompt_length_batch(trainer, tok, train)
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     for shared in (True, False):
@@ -189,13 +195,8 @@ def test_loss_matches_grao_trainer_on_the_same_batch(trained, tmp_path):
     trainer, tok, train, _ = trained
     # equal prompt lengths: TRL left-pads prompts and (like TRL's GRPO) passes no position_ids,
     # grao's trainer right-pads whole rows; without prompt padding both run the same positions
-    by_len: dict[int, list[dict]] = {}
-    for rec in train:
-        by_len.setdefault(len(tok(rec["prompt"])["input_ids"]), []).append(rec)
-    recs = next(v for v in by_len.values() if len(v) >= 2)[:2]
     model = trainer.model
-    model.train()
-    batch = trainer._generate_and_score_completions([recs[0]] * G + [recs[1]] * G)
+    recs, batch = _equal_prompt_length_batch(trainer, tok, train)
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     trainer.compute_loss(model, batch).backward()

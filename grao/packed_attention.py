@@ -9,14 +9,18 @@ unshared layout are unchanged). With ``grao_packing=PackedSegments`` (``grao.pac
 and each packed group is served by two ``torch.nn.functional.scaled_dot_product_attention`` calls:
 
 * its prompt queries, causal over the prompt keys (``is_causal=True``, no mask);
-* its completion queries over ``[prompt keys; completion keys]`` with an additive mask
-  ``[Nc, Lp + Nc]``: every prompt key, plus earlier keys of the query's own completion.
+* its completion queries, in blocks of whole completions of about ``max(Lp, 512)`` tokens, each over
+  ``[prompt keys; the block's keys]`` with an additive mask ``[Nb, Lp + Nb]``: every prompt key, plus
+  earlier keys of the query's own completion (``PackedSegments.completion_blocks``).
 
 Each query set attends to exactly the keys it would see in its own unshared row, so outputs match that
 row's. Choice, measured here: FlexAttention (the block-mask route of Unsloth's shared-prefix GRPO) has no
 backward on CPU in torch 2.13, and a two-part attention merged by log-sum-exp needs the log-sum-exp that
-the public SDPA does not return; the split above is exact with the public SDPA on CPU and CUDA, and its
-mask is ``Nc x (Lp + Nc)``, not ``N x N`` (micro-batches bound ``Nc``).
+the public SDPA does not return; the split above is exact with the public SDPA on CPU and CUDA. Blocking
+the completions keeps the work linear in the group's completion tokens: ``Nc * Lp + Nc * Nb`` scores
+and masks of ``Nb x (Lp + Nb)``, where one mask over all completions would cost ``Nc x (Lp + Nc)``
+(mostly masked-out work, quadratic in G); the prompt's keys are copied once per block, and a block is
+at least as long as the prompt, so the copies add at most one key per completion token.
 
 Supported: decoder-only models whose layers are all full attention and whose attention modules call
 the interface with query/key/value after RoPE (Llama, Mistral, Qwen2, Qwen3 families; tested on tiny
@@ -85,12 +89,20 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling))
             continue
         q_prompt, q_completions = q.split([lp, nc], dim=2)
-        k_prompt, v_prompt = k.narrow(2, 0, lp), v.narrow(2, 0, lp)
+        k_prompt, k_completions = k.split([lp, nc], dim=2)
+        v_prompt, v_completions = v.split([lp, nc], dim=2)
         pieces.append(F.scaled_dot_product_attention(q_prompt, k_prompt, v_prompt, dropout_p=dropout, is_causal=True,
                                                      scale=scaling))
-        mask = packing.completion_mask(index, query.dtype, query.device)
-        pieces.append(F.scaled_dot_product_attention(q_completions, k, v, attn_mask=mask, dropout_p=dropout,
-                                                     scale=scaling))
+        blocks = packing.completion_blocks(index, query.dtype, query.device)
+        block_sizes = [n for n, _ in blocks]
+        for (_, mask), qb, kb, vb in zip(blocks, *(t.split(block_sizes, dim=2)
+                                                    for t in (q_completions, k_completions, v_completions))):
+            if len(blocks) > 1:
+                kb, vb = torch.cat([k_prompt, kb], dim=2), torch.cat([v_prompt, vb], dim=2)
+            else:  # one block: the segment's keys as they are, no copy
+                kb, vb = k, v
+            pieces.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout,
+                                                         scale=scaling))
     out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
     return out.transpose(1, 2).contiguous(), None
 

@@ -55,21 +55,43 @@ class PackedSegments:
     max_position: int
     _masks: dict = field(default_factory=dict, repr=False)
 
-    def completion_mask(self, index: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Additive mask [Nc, Lp + Nc] for the completion queries of segment ``index``: 0 where the key is
-        a prompt token or an earlier (or the same) token of the query's own completion, -inf elsewhere."""
+    def completion_blocks(self, index: int, dtype: torch.dtype, device: torch.device
+                          ) -> list[tuple[int, torch.Tensor]]:
+        """The completion queries of segment ``index`` cut into blocks of whole completions, as
+        ``(tokens, mask)`` pairs in order: ``mask`` is the additive mask [tokens, Lp + tokens] of the block's
+        queries over ``[prompt keys; the block's own keys]``: 0 where the key is a prompt token or an earlier
+        (or the same) token of the query's own completion, -inf elsewhere.
+
+        A block holds completions while it stays within ``max(Lp, BLOCK_TOKENS)`` tokens (one completion at
+        least), so attention costs ``Nc * Lp + Nc * block`` per group rather than ``Nc * (Lp + Nc)``, and
+        the keys of the prompt are copied once per block, at most about once per completion token."""
         key = (index, dtype, device)
-        mask = self._masks.get(key)
-        if mask is None:
+        blocks = self._masks.get(key)
+        if blocks is None:
             seg = self.segments[index]
-            lens = torch.tensor(seg.inputs, dtype=torch.long, device=device)
-            comp = torch.repeat_interleave(torch.arange(len(seg.inputs), device=device), lens)
-            pos = torch.arange(comp.numel(), device=device)
-            own = (comp[:, None] == comp[None, :]) & (pos[None, :] <= pos[:, None])
-            visible = torch.cat([own.new_ones(comp.numel(), seg.prompt_len), own], dim=1)
-            mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-            self._masks[key] = mask
-        return mask
+            limit = max(seg.prompt_len, BLOCK_TOKENS)
+            sizes: list[list[int]] = []
+            for n in (n for n in seg.inputs if n > 0):
+                if sizes and sum(sizes[-1]) + n <= limit:
+                    sizes[-1].append(n)
+                else:
+                    sizes.append([n])
+            blocks = [(sum(lens), _block_mask(lens, seg.prompt_len, dtype, device)) for lens in sizes]
+            self._masks[key] = blocks
+        return blocks
+
+
+BLOCK_TOKENS = 512  # smallest completion block of the packed attention (PackedSegments.completion_blocks)
+
+
+def _block_mask(lens: list[int], prompt_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask [n, prompt_len + n] for completions of ``lens`` tokens packed after one prompt."""
+    comp = torch.repeat_interleave(torch.arange(len(lens), device=device),
+                                   torch.tensor(lens, dtype=torch.long, device=device))
+    pos = torch.arange(comp.numel(), device=device)
+    own = (comp[:, None] == comp[None, :]) & (pos[None, :] <= pos[:, None])
+    visible = torch.cat([own.new_ones(comp.numel(), prompt_len), own], dim=1)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 @dataclass

@@ -10,6 +10,7 @@ from grao.packed_attention import (
     packed_forward_kwargs,
     prefix_sharing_enabled,
 )
+from grao import packing
 from grao.packing import forwarded_tokens, pack_rows, unpack_token_values
 from grao.trainer import pad_rows
 from grao_kernels import fused_linear_grao_loss
@@ -91,8 +92,27 @@ CASES = {
 }
 
 
+@pytest.fixture(params=[512, 1], ids=["one completion block", "blocks of about Lp tokens"])
+def block_tokens(request, monkeypatch):
+    """The packed attention's completion-block size: the default (every case here fits one block) and the
+    smallest (blocks of about the prompt's length, a one-token prompt giving a block per completion)."""
+    monkeypatch.setattr(packing, "BLOCK_TOKENS", request.param)
+    return request.param
+
+
+def test_completion_blocks_hold_whole_completions(monkeypatch):
+    monkeypatch.setattr(packing, "BLOCK_TOKENS", 1)
+    packed = pack_rows(rand_rows([(6, [1, 40, 3, 25, 9, 2, 2])], seed=0))
+    blocks = packed.segments.completion_blocks(0, torch.float32, torch.device("cpu"))
+    assert [n for n, _ in blocks] == [39, 2, 24, 8, 2]  # inputs 0, 39, 2, 24, 8, 1, 1; a block ends past Lp = 6
+    n, mask = blocks[-1]
+    visible = (mask == 0).tolist()
+    assert mask.shape == (2, 6 + 2)
+    assert visible == [[True] * 6 + [True, False], [True] * 6 + [False, True]]  # two one-token completions
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_packed_token_logprobs_equal_unshared_float64(case):
+def test_packed_token_logprobs_equal_unshared_float64(case, block_tokens):
     model = tiny()
     rows = rand_rows(CASES[case], seed=len(case))
     ref = unshared_logp(model, rows)
@@ -133,7 +153,7 @@ def grao_loss_and_grads(model, rows, rewards, shared: bool):
 
 @pytest.mark.parametrize("case", ["G=1", "G=16", "empty completion", "reference longer than every sample",
                                   "one-token prompt", "several groups"])
-def test_grao_loss_and_gradients_shared_equal_unshared(case):
+def test_grao_loss_and_gradients_shared_equal_unshared(case, block_tokens):
     model = tiny()
     rows = rand_rows(CASES[case], seed=len(case))
     widths = {len(lengths) for _, lengths in CASES[case]}

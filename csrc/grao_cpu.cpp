@@ -9,17 +9,24 @@
 // fused_linear_cross_entropy; recomputing logits per tile instead of storing them is ml-cross-entropy's
 // "Cut Your Losses"; this is our own code):
 //   for each tile of TM active tokens (TM chosen by the caller so that one fp32 [TM x V] buffer stays small):
-//     Z   = h_tile @ W^T                    one GEMM, fp32 output (bf16 inputs: oneDNN bf16 x bf16 -> fp32,
-//                                           through ATen's cpublas::gemm, so AMX / AVX512_BF16 where present)
+//     Z   = h_tile @ W^T                    one GEMM, fp32 output (bf16 inputs: MKL's bf16 x bf16 -> fp32 GEMM,
+//                                           AMX / AVX512_BF16 where present)
 //     per row, threads over rows:           bias, 1/temperature, row max, exp-sum (log-sum-exp), the log-prob,
 //                                           then in place dz = g * (onehot - softmax) while the row
-//                                           (V floats, 125 KiB at V = 32000) is still in L2
-//     dh_tile = dz @ W                      GEMM (fp32 accumulation), scattered into dh rows
-//     dW     += dz^T @ h_tile               GEMM with beta = 1 into one fp32 [V, D] accumulator: the BLAS
-//                                           splits it over threads by output block, so no atomics and no
-//                                           per-thread dW copies
+//                                           (V floats, 125 KiB at V = 32000) is still in L2; bf16 inputs: dz
+//                                           rounded to bf16 (as eager's backward) over the start of the row's
+//                                           own fp32 slot, plus the fp32 corrections of its few large entries
+//                                           and, in flat rows, an offset (see kCorrFrac)
+//     dh_tile = dz @ W                      GEMM (fp32 accumulation), corrections added, scattered into dh rows
+//     dW     += dz^T @ h_tile               fp32: GEMM with beta = 1 into dW itself (the BLAS splits it over
+//                                           threads by output block: no atomics, no per-thread copies).
+//                                           bf16: threads over ~1 MiB vocabulary blocks of dW, each a GEMM into
+//                                           the thread's fp32 block buffer (beta = 0), its corrections, then a
+//                                           compensated add into dW = bf16 hi (the output) + int8 lo (acc_hilo)
 //     db     += column sums of dz           threads over vocabulary blocks
-// All workspaces (Z, the bf16 copy of dz, h_tile, dh_tile) are allocated once per call.
+// All workspaces (Z, h_tile, dh_tile, the corrections, one dW block per thread; the int8 residual of bf16 dW) are
+// allocated once per call, sized by the tile, the cache or W, never by N. Each tile's FLOPs are those of the
+// three GEMMs (6 x tile x D x V for the fused loss): no logits are recomputed.
 //
 // Vector code: one AVX-512 row kernel compiled with a function-level target attribute and chosen at run
 // time (__builtin_cpu_supports), plus a scalar kernel with the same semantics; the file itself is compiled
@@ -72,6 +79,24 @@ at::Tensor mapped_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::from_blob(p, sizes, [bytes](void* q) { munmap(q, bytes); }, at::TensorOptions().dtype(dtype));
 }
 
+// bf16 dz. The GEMMs read dz rounded to bf16, as eager's backward does; two cheap terms keep that rounding from
+// reaching dhidden and dweight where it would show:
+// * corrections: the entries with |r| > kCorrFrac * (the row's max |r|), r = dz - c0 (below) -- the label's
+//   g/T (1 - p) and the few probable tokens, at most 2 / kCorrFrac + 1 of them (the non-label |r| sum to at most
+//   twice the label's) -- also enter both gradients with the part bf16 rounded off, r - bf16(r), as fp32 rank-1
+//   updates (O(D) each), so the rounding error is left only on the small entries. Without them a row whose
+//   gradient is dominated by one large entry carries that entry's rounding (2^-9 relative) into dhidden
+//   (d = 1: up to one ulp with the final rounding) and dweight, where the chunked path's dweight (fp32 dz) is
+//   within half an ulp (test_fuzz_native_against_chunked).
+// * offset: in a flat row (no non-label probability above kFlat x their mean: those logits within ~0.06) the
+//   non-label dz are nearly equal and so are their rounding errors, which then add up instead of averaging out
+//   (dhidden = g/T (W_label - sum_k p_k W_k) can be far smaller than either term). There the GEMMs read
+//   r = dz - c0 with c0 = bf16(their mean), and c0 sum_k W_k (dhidden) and sum_i c0_i h_i (each dweight row) are
+//   added in fp32; c0 = 0 in every other row.
+constexpr float kCorrFrac = 1.f / 256.f;
+constexpr int kCorrCap = 2 * 256 + 2;  // 2 / kCorrFrac + the label + 1 (rounding of the bound)
+constexpr float kFlat = 1.0625f;
+
 struct RowJob {
   float* z;              // [V] fp32 logits of the row (before bias / temperature); overwritten with dz if grads
                          // (with exp(z - max) only, when dz16 is set and keep32 is not)
@@ -82,11 +107,14 @@ struct RowJob {
   int64_t label;
   bool grads;            // write dz into z
   float coef;            // grad_logp / temperature
-  at::BFloat16* dz16;    // [V] bf16 dz (bf16 inputs) or nullptr
+  at::BFloat16* dz16;    // [V] bf16 dz (bf16 inputs) or nullptr; may be z itself (written behind the reads)
   bool keep32;           // also keep the fp32 dz in z (the bias gradient reads it)
   bool entropy;
+  int32_t* corr_k;       // [kCorrCap] with dz16: vocabulary index of each corrected entry
+  float* corr_v;         // [kCorrCap] r - bf16(r) there
+  int32_t* corr_n;       // how many
+  float* offset;         // with dz16: c0 of the row (0 unless flat); dz16 holds bf16(dz - c0)
 };
-
 struct RowOut {
   float max, log_sum, logp, entropy;
 };
@@ -95,10 +123,62 @@ inline uint16_t bf16_bits(float x) {
   return c10::BFloat16(x).x;  // round to nearest even, as torch's .to(torch.bfloat16)
 }
 
+inline float bf16_round(float x) { return static_cast<float>(c10::BFloat16(x)); }
+
+struct GradSplit {
+  float c0, thr;  // the row's offset and correction threshold
+};
+
+// e_label = exp(z_label - m), alpha = -coef / s, at_label = dz at the label, m2 the largest non-label logit.
+inline GradSplit grad_split(float e_label, float alpha, float at_label, float coef, float m2, float m, float s,
+                            int64_t vocab) {
+  const float e2 = m2 > -std::numeric_limits<float>::infinity() ? std::exp(m2 - m) : 0.f;
+  float c0 = 0.f;
+  if (vocab > 1) {
+    const float mean = (s - e_label) / static_cast<float>(vocab - 1);  // of the non-label exp(z - m)
+    if (e2 <= kFlat * mean) c0 = bf16_round(alpha * mean);
+  }
+  // an upper bound of max_k |dz_k - c0|: non-label dz and c0 share their sign
+  const float big = std::max(std::fabs(at_label - c0), std::max(std::fabs(coef) * e2 / s, std::fabs(c0)));
+  return {c0, kCorrFrac * big};
+}
+
+// Records entry k (dz value v) for the fp32 correction; the last slot is kept for the label.
+inline void corr_push(const RowJob& j, int64_t k, float v) {
+  const float r = v - bf16_round(v);
+  const int32_t c = *j.corr_n;
+  if (r != 0.f && c < kCorrCap - 1) {
+    j.corr_k[c] = static_cast<int32_t>(k);
+    j.corr_v[c] = r;
+    *j.corr_n = c + 1;
+  }
+}
+
+// The label's entry replaces the one the sweep may have recorded there (with the softmax term alone).
+inline void corr_label(const RowJob& j, float at_label) {
+  int32_t c = *j.corr_n;
+  for (int32_t q = 0; q < c; ++q) {
+    if (j.corr_k[q] == j.label) {
+      j.corr_k[q] = j.corr_k[c - 1];
+      j.corr_v[q] = j.corr_v[c - 1];
+      --c;
+      break;
+    }
+  }
+  const float r = at_label - bf16_round(at_label);
+  if (r != 0.f) {
+    j.corr_k[c] = static_cast<int32_t>(j.label);
+    j.corr_v[c] = r;
+    ++c;
+  }
+  *j.corr_n = c;
+}
+
 RowOut row_scalar(const RowJob& j) {
   float* z = j.z;
   const int64_t n = j.vocab;
-  float m = -std::numeric_limits<float>::infinity();
+  const bool corr = j.grads && j.corr_n != nullptr;
+  float m = -std::numeric_limits<float>::infinity(), m2 = m;
   for (int64_t k = 0; k < n; ++k) {
     float v = z[k];
     if (j.scale) {
@@ -106,6 +186,7 @@ RowOut row_scalar(const RowJob& j) {
       z[k] = v;
     }
     m = std::max(m, v);
+    if (corr && k != j.label) m2 = std::max(m2, v);
   }
   const float picked = z[j.label];
   float s = 0.f, t = 0.f;
@@ -124,15 +205,40 @@ RowOut row_scalar(const RowJob& j) {
   if (j.grads) {
     const float alpha = -j.coef / s;
     const float at_label = z[j.label] * alpha + j.coef;
+    const GradSplit sp = corr ? grad_split(z[j.label], alpha, at_label, j.coef, m2, m, s, n) : GradSplit{0.f, 0.f};
+    const float c0 = sp.c0, thr = sp.thr;
     uint16_t* d16 = reinterpret_cast<uint16_t*>(j.dz16);
     if (!d16 || j.keep32) {
       for (int64_t k = 0; k < n; ++k) z[k] *= alpha;
       z[j.label] = at_label;
-      if (d16) for (int64_t k = 0; k < n; ++k) d16[k] = bf16_bits(z[k]);
+      if (d16) {
+        for (int64_t k = 0; k < n; ++k) {
+          const float r = z[k] - c0;
+          d16[k] = bf16_bits(r);
+          if (corr && std::fabs(r) > thr) corr_push(j, k, r);
+        }
+      }
     } else {
-      for (int64_t k = 0; k < n; ++k) d16[k] = bf16_bits(z[k] * alpha);
+      // d16 may be z itself: blocks through local copies (memcpy), each written behind what was read
+      constexpr int64_t B = 64;
+      float in[B];
+      uint16_t res[B];
+      for (int64_t k0 = 0; k0 < n; k0 += B) {
+        const int64_t cnt = std::min(B, n - k0);
+        std::memcpy(in, z + k0, cnt * sizeof(float));
+        for (int64_t q = 0; q < cnt; ++q) {
+          const float r = in[q] * alpha - c0;
+          res[q] = bf16_bits(r);
+          if (corr && std::fabs(r) > thr) corr_push(j, k0 + q, r);
+        }
+        std::memcpy(d16 + k0, res, cnt * sizeof(uint16_t));
+      }
     }
-    if (d16) d16[j.label] = bf16_bits(at_label);
+    if (d16) d16[j.label] = bf16_bits(at_label - c0);
+    if (corr) {
+      corr_label(j, at_label - c0);
+      *j.offset = c0;
+    }
   }
   return out;
 }
@@ -176,6 +282,11 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 vt = _mm512_set1_ps(j.inv_t);
   __m512 vm = ninf;
+  // corrections need the largest non-label logit too: the label is taken out of the max pass (-inf there) and
+  // added after it
+  const bool corr = j.grads && j.corr_n != nullptr;
+  const float raw_label = z[j.label];
+  if (corr) z[j.label] = -std::numeric_limits<float>::infinity();
   if (j.scale) {
     for (int64_t k = 0; k < n; k += 16) {
       const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
@@ -191,7 +302,12 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
       vm = _mm512_mask_max_ps(vm, mk, vm, _mm512_maskz_loadu_ps(mk, z + k));
     }
   }
-  const float m = _mm512_reduce_max_ps(vm);
+  float m = _mm512_reduce_max_ps(vm), m2 = m;
+  if (corr) {
+    const float lv = j.scale ? (raw_label + (j.bias ? j.bias[j.label] : 0.f)) * j.inv_t : raw_label;
+    z[j.label] = lv;
+    m = (lv > m2 || lv != lv) ? lv : m2;  // a NaN label logit propagates, as through the max pass
+  }
   const float picked = z[j.label];
   const __m512 vmax = _mm512_set1_ps(m);
   __m512 vs = _mm512_setzero_ps(), vt2 = _mm512_setzero_ps();
@@ -216,14 +332,33 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
     const __m512 alpha = _mm512_set1_ps(a);
     uint16_t* d16 = reinterpret_cast<uint16_t*>(j.dz16);
     const bool f32 = !d16 || j.keep32;
+    // d16 may be z itself: the bf16 store of block k lands on bytes [2k, 2k + 32), all read by then
+    const GradSplit sp = corr ? grad_split(z[j.label], a, at_label, j.coef, m2, m, s, n) : GradSplit{0.f, 0.f};
+    const __m512 thr = _mm512_set1_ps(sp.thr), c0 = _mm512_set1_ps(sp.c0);
     for (int64_t k = 0; k < n; k += 16) {
       const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
       const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, z + k), alpha);
       if (f32) _mm512_mask_storeu_ps(z + k, mk, v);
-      if (d16) _mm256_mask_storeu_epi16(d16 + k, mk, to_bf16_avx512(v));
+      const __m512 r = _mm512_sub_ps(v, c0);
+      if (d16) _mm256_mask_storeu_epi16(d16 + k, mk, to_bf16_avx512(r));
+      if (corr) {
+        __mmask16 big = _mm512_mask_cmp_ps_mask(mk, _mm512_abs_ps(r), thr, _CMP_GT_OQ);
+        if (big) {  // rare: at most 2 / kCorrFrac + 1 entries per row
+          alignas(64) float vals[16];
+          _mm512_store_ps(vals, r);
+          for (; big; big &= big - 1) {
+            const int q = __builtin_ctz(big);
+            corr_push(j, k + q, vals[q]);
+          }
+        }
+      }
     }
     if (f32) z[j.label] = at_label;
-    if (d16) d16[j.label] = bf16_bits(at_label);
+    if (d16) d16[j.label] = bf16_bits(at_label - sp.c0);
+    if (corr) {
+      corr_label(j, at_label - sp.c0);
+      *j.offset = sp.c0;
+    }
   }
   return out;
 }
@@ -241,7 +376,7 @@ bool cpu_has_avx512() {
 
 // Row-major C [m, n] (+)= op(A) op(B) in fp32; A, B fp32 or bf16 (fp32 accumulation in both). fp32 and the
 // bf16 fallback go through ATen (MKL / oneDNN); bf16 with MKL's bf16 GEMM present calls it directly, which
-// writes fp32 results from bf16 inputs without a bf16 rounding of the products.
+// writes fp32 results from bf16 inputs without a bf16 rounding of the products or the result.
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const at::Tensor& a, const at::Tensor& b,
              float beta, const at::Tensor& c, bool direct) {
   // a: [m, k] (or [k, m] when ta), b: [k, n] (or [n, k] when tb), both with unit inner stride; c fp32 [m, n].
@@ -262,15 +397,116 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const at::Tensor
     }
     return;
   }
-  // bf16 without MKL's bf16 GEMM: ATen's bf16 product (fp32 accumulation, bf16 result, as eager's matmul), added
-  // into the fp32 result.
-  at::Tensor prod = at::mm(opa, opb);
-  if (beta == 0.f) {
-    const_cast<at::Tensor&>(c).copy_(prod);
+  // bf16 without MKL's bf16 GEMM: fp32 GEMMs on fp32 copies of ~1024-wide slices along the largest of m, n, k
+  // (the vocabulary), so the products are exact and accumulated in fp32 as with MKL's bf16 GEMM (ATen's bf16
+  // matmul would round its result to bf16), in memory of the slices only.
+  const at::Tensor A = opa, B = opb;
+  at::Tensor C = c;
+  constexpr int64_t kSlice = 1024;
+  if (k >= m && k >= n) {
+    for (int64_t k0 = 0; k0 < k; k0 += kSlice) {
+      const int64_t kb = std::min(kSlice, k - k0);
+      const at::Tensor a32 = A.narrow(1, k0, kb).to(at::kFloat), b32 = B.narrow(0, k0, kb).to(at::kFloat);
+      if (k0 == 0 && beta == 0.f) {
+        at::mm_out(C, a32, b32);
+      } else {
+        C.addmm_(a32, b32);
+      }
+    }
+  } else if (n >= m) {
+    const at::Tensor a32 = A.to(at::kFloat);
+    for (int64_t n0 = 0; n0 < n; n0 += kSlice) {
+      const int64_t nb = std::min(kSlice, n - n0);
+      at::Tensor cs = C.narrow(1, n0, nb);
+      const at::Tensor b32 = B.narrow(1, n0, nb).to(at::kFloat);
+      if (beta == 0.f) {
+        at::mm_out(cs, a32, b32);
+      } else {
+        cs.addmm_(a32, b32);
+      }
+    }
   } else {
-    const_cast<at::Tensor&>(c).add_(prod);
+    const at::Tensor b32 = B.to(at::kFloat);
+    for (int64_t m0 = 0; m0 < m; m0 += kSlice) {
+      const int64_t mb = std::min(kSlice, m - m0);
+      at::Tensor cs = C.narrow(0, m0, mb);
+      const at::Tensor a32 = A.narrow(0, m0, mb).to(at::kFloat);
+      if (beta == 0.f) {
+        at::mm_out(cs, a32, b32);
+      } else {
+        cs.addmm_(a32, b32);
+      }
+    }
   }
 }
+
+// bf16 dW as a two-term sum, hi (the bf16 output itself) + lo (an int8 residual in units of ulp(hi) / 256):
+// (hi, lo) <- hi + lo + c + u, the sum s formed in fp32, hi = bf16(s), lo = round((s - hi) / (ulp(hi) / 256)), where
+// s - hi is exact and |lo| <= 128 (clamped to 127: a 2^-8 ulp loss on an exact tie). hi + lo carries 16
+// significant bits, its rounding (<= 2^-9 ulp(hi) per update, ~2^-17 relative) is the only loss, so after the last
+// tile hi is the fp32 sum rounded once to bf16, as eager's bf16 matmul; the accumulator costs 1 byte per weight
+// (an fp32 [V, D] one would cost 4, a bf16 residual 2). u [dim] is added to every row (nullptr: none).
+inline float lo_unit(float hi) {  // ulp(hi) / 256 = 2^(exponent(hi) - 15); 0 for 0, inf, NaN
+  return hi == 0.f || !std::isfinite(hi) ? 0.f : std::ldexp(1.f, std::ilogb(hi) - 15);
+}
+
+void acc_hilo_scalar(uint16_t* hi, int8_t* lo, const float* c, const float* u, int64_t rows, int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dim; ++d) {
+      const int64_t k = r * dim + d;
+      c10::BFloat16 h;
+      h.x = hi[k];
+      const float hf = static_cast<float>(h);
+      const float sum = (hf + static_cast<float>(lo[k]) * lo_unit(hf)) + c[k] + (u ? u[d] : 0.f);
+      c10::BFloat16 nh;
+      nh.x = bf16_bits(sum);
+      const float nf = static_cast<float>(nh), unit = lo_unit(nf);
+      const float q = unit == 0.f ? 0.f : std::nearbyint((sum - nf) / unit);
+      hi[k] = nh.x;
+      lo[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, q)));
+    }
+  }
+}
+
+#if GRAO_X86
+GRAO_AVX512 inline __m512 from_bf16_avx512(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+GRAO_AVX512 inline __m512 lo_unit_avx512(__m512 h) {  // as lo_unit
+  const __m512 unit = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(_mm512_getexp_ps(h), _mm512_set1_ps(15.f)));
+  const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(h), _mm512_set1_ps(std::numeric_limits<float>::infinity()),
+                                          _CMP_LT_OQ) &
+                       _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  return _mm512_maskz_mov_ps(ok, unit);
+}
+
+GRAO_AVX512 void acc_hilo_avx512(uint16_t* hi, int8_t* lo, const float* c, const float* u, int64_t rows,
+                                 int64_t dim) {
+  const int64_t full = dim / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (dim - full)) - 1u);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __mmask16 mk = d < full ? static_cast<__mmask16>(0xffff) : tail;
+      const int64_t k = r * dim + d;
+      const __m512 h = from_bf16_avx512(_mm256_maskz_loadu_epi16(mk, hi + k));
+      const __m512 l = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, lo + k)));
+      __m512 sum = _mm512_add_ps(_mm512_fmadd_ps(l, lo_unit_avx512(h), h), _mm512_maskz_loadu_ps(mk, c + k));
+      if (u) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mk, u + d));
+      const __m256i nh = to_bf16_avx512(sum);
+      const __m512 nf = from_bf16_avx512(nh);
+      const __m512 unit = lo_unit_avx512(nf);
+      // (sum - nf) / unit, exact (a power of two); 0 where unit is 0
+      const __m512 q = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(unit, _mm512_setzero_ps(), _CMP_NEQ_UQ),
+                                           _mm512_sub_ps(sum, nf), unit);
+      __m512i qi = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      qi = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), qi));
+      _mm256_mask_storeu_epi16(hi + k, mk, nh);
+      _mm_mask_storeu_epi8(lo + k, mk, _mm512_cvtepi32_epi8(qi));
+    }
+  }
+}
+#endif
 
 // isa: bit 0 forces the scalar row kernel, bit 1 the ATen GEMMs for bf16 (tests of the fallbacks).
 template <typename T>
@@ -288,23 +524,39 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   at::Tensor lse = at::zeros({2, n_tok}, f32);
   at::Tensor ent = want_entropy ? at::zeros({n_tok}, f32) : at::empty({0}, f32);
   at::Tensor dh = grads && need_h ? at::zeros_like(hidden, at::MemoryFormat::Contiguous) : at::empty({0}, f32);
-  // fp32 accumulator of dW: the output itself for fp32 weights, cast once at the end for bf16.
-  at::Tensor dw32 = !(grads && need_w) ? at::empty({0}, f32)
-                    : weight.scalar_type() == at::kFloat ? at::zeros({vocab, dim}, f32)
-                                                         : mapped_empty({vocab, dim}, at::kFloat).zero_();
+  // dW: fp32 weights accumulate in the output itself (GEMMs with beta = 1); bf16 ones in the output as the high
+  // part plus an int8 residual (acc_hilo_*), mapped zero pages.
+  const bool want_w = grads && need_w;
+  at::Tensor dw = !want_w ? at::empty({0}, f32) : at::zeros({vocab, dim}, weight.options());
+  at::Tensor dw_lo = want_w && bf16 ? mapped_empty({vocab, dim}, at::kChar) : at::Tensor();
   const bool has_bias = bias.has_value();
   at::Tensor db32 = grads && need_b && has_bias ? at::zeros({vocab}, f32) : at::empty({0}, f32);
   at::Tensor bias32 = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   if (active == 0) {
-    return {logp, lse, ent, dh, grads && need_w ? dw32.to(weight.scalar_type()) : dw32,
-            grads && need_b && has_bias ? db32.to(bias->scalar_type()) : db32};
+    return {logp, lse, ent, dh, dw, grads && need_b && has_bias ? db32.to(bias->scalar_type()) : db32};
   }
   const int64_t tm = std::max<int64_t>(1, std::min(tile_rows, active));
-  // Workspaces, once per call.
+  const bool keep32 = need_b && has_bias;  // the bias gradient sums the fp32 dz
+  const bool corr = grads && bf16;         // fp32 corrections of the large dz entries (kCorrFrac)
+  // Workspaces, once per call, sized by the tile (tile_rows x V) or by the cache (the dW blocks), never by N.
+  // The bf16 dz of row i is written over the start of its own fp32 row of z_buf (leading dimension 2V), unless
+  // the bias gradient needs the fp32 dz kept, which takes a separate buffer.
   at::Tensor z_buf = mapped_empty({tm, vocab}, at::kFloat);
-  at::Tensor dz16_buf = grads && bf16 ? mapped_empty({tm, vocab}, at::kBFloat16) : at::Tensor();
+  at::Tensor dz16_buf = grads && bf16 && keep32 ? mapped_empty({tm, vocab}, at::kBFloat16) : at::Tensor();
+  const int64_t ld16 = dz16_buf.defined() ? vocab : 2 * vocab;
   at::Tensor h_buf = at::empty({tm, dim}, hidden.options());
   at::Tensor dh_buf = grads && need_h ? at::empty({tm, dim}, f32) : at::Tensor();
+  at::Tensor corr_k = corr ? at::empty({tm, kCorrCap}, at::kInt) : at::Tensor();
+  at::Tensor corr_v = corr ? at::empty({tm, kCorrCap}, at::kFloat) : at::Tensor();
+  at::Tensor corr_n = corr ? at::zeros({tm}, at::kInt) : at::Tensor();
+  at::Tensor offs = corr ? at::zeros({tm}, at::kFloat) : at::Tensor();
+  at::Tensor wsum;  // fp32 column sums of W, for the offsets of flat rows (computed when one first occurs)
+  at::Tensor usum = corr ? at::empty({dim}, at::kFloat) : at::Tensor();  // sum_i c0_i h_i of a tile
+  // bf16 dW per tile in vocabulary blocks of ~1 MiB fp32 ([vb, D], one per thread, L2-resident): the block's GEMM
+  // (beta = 0), its corrections, then its hi / lo update.
+  const int64_t vb = std::min(vocab, std::max<int64_t>(16, (int64_t{1} << 20) / (4 * dim) / 16 * 16));
+  const int nthreads = at::get_num_threads();
+  at::Tensor cblk = want_w && bf16 ? at::empty({nthreads, vb, dim}, f32) : at::Tensor();
 
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t* row_ids = rows.data_ptr<int64_t>();
@@ -317,7 +569,10 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   const float* b32 = has_bias ? bias32.data_ptr<float>() : nullptr;
   const bool vec = !(isa & 1) && cpu_has_avx512();
   const bool direct = !(isa & 2) && mkl_bf16_gemm() != nullptr;
-  const bool keep32 = need_b && has_bias;  // the bias gradient sums the fp32 dz
+  int32_t* ck = corr ? corr_k.data_ptr<int32_t>() : nullptr;
+  float* cv = corr ? corr_v.data_ptr<float>() : nullptr;
+  int32_t* cn = corr ? corr_n.data_ptr<int32_t>() : nullptr;
+  float* off = corr ? offs.data_ptr<float>() : nullptr;
 
   for (int64_t start = 0; start < active; start += tm) {
     const int64_t cnt = std::min(tm, active - start);
@@ -327,13 +582,21 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
     at::Tensor z_tile = z_buf.narrow(0, 0, cnt);
     float* z = z_tile.data_ptr<float>();
     gemm_rm(false, true, cnt, vocab, dim, h_tile, weight, 0.f, z_tile, direct);  // Z [cnt, V] = h W^T
-    at::BFloat16* dz16 = grads && bf16 ? dz16_buf.data_ptr<at::BFloat16>() : nullptr;
+    at::BFloat16* dz16 = !(grads && bf16) ? nullptr
+                         : dz16_buf.defined() ? dz16_buf.data_ptr<at::BFloat16>()
+                                              : reinterpret_cast<at::BFloat16*>(z);
     at::parallel_for(0, cnt, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t tok = row_ids[start + i];
+        if (corr) {
+          cn[i] = 0;
+          off[i] = 0.f;
+        }
         RowJob job{z + i * vocab, b32, vocab, inv_t, scale, lab[tok], grads,
                    grads ? static_cast<float>(g[tok] / temperature) : 0.f,
-                   dz16 ? dz16 + i * vocab : nullptr, keep32, want_entropy};
+                   dz16 ? dz16 + i * ld16 : nullptr, keep32, want_entropy,
+                   corr ? ck + i * kCorrCap : nullptr, corr ? cv + i * kCorrCap : nullptr, corr ? cn + i : nullptr,
+                   corr ? off + i : nullptr};
 #if GRAO_X86
         const RowOut o = vec ? row_avx512(job) : row_scalar(job);
 #else
@@ -347,22 +610,78 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
     });
     if (!grads) continue;
     // dz as the GEMMs read it: fp32 in place (fp32 inputs) or its bf16 copy (bf16 inputs, as eager's backward).
-    at::Tensor dz = bf16 ? dz16_buf.narrow(0, 0, cnt) : z_tile;
+    at::Tensor dz = !bf16 ? z_tile
+                    : at::from_blob(dz16, {cnt, vocab}, {ld16, 1}, hidden.options().dtype(at::kBFloat16));
+    const bool flat = corr && std::any_of(off, off + cnt, [](float c) { return c != 0.f; });
+    if (flat && need_h && !wsum.defined()) wsum = weight.sum(0, false, at::kFloat).contiguous();
+    const float* ws = wsum.defined() ? wsum.data_ptr<float>() : nullptr;
     if (need_h) {
       at::Tensor dh_tile = dh_buf.narrow(0, 0, cnt);
       gemm_rm(false, false, cnt, dim, vocab, dz, weight, 0.f, dh_tile, direct);  // dh_tile [cnt, D] = dz W
-      const float* dhp = dh_tile.data_ptr<float>();
+      float* dhp = dh_tile.data_ptr<float>();
+      const T* wp = weight.data_ptr<T>();
       T* out = dh.data_ptr<T>();
       at::parallel_for(0, cnt, 16, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
           T* dst = out + row_ids[start + i] * dim;
-          const float* src = dhp + i * dim;
+          float* src = dhp + i * dim;
+          if (corr) {
+            for (int32_t q = 0; q < cn[i]; ++q) {  // + (r - bf16(r)) W[k] at the large entries
+              const float r = cv[i * kCorrCap + q];
+              const T* wr = wp + static_cast<int64_t>(ck[i * kCorrCap + q]) * dim;
+              for (int64_t k = 0; k < dim; ++k) src[k] += r * static_cast<float>(wr[k]);
+            }
+            if (off[i] != 0.f) {  // + c0 sum_k W[k]
+              for (int64_t k = 0; k < dim; ++k) src[k] += off[i] * ws[k];
+            }
+          }
           for (int64_t k = 0; k < dim; ++k) dst[k] = static_cast<T>(src[k]);
         }
       });
     }
-    if (need_w) {
-      gemm_rm(true, false, vocab, dim, cnt, dz, h_tile, 1.f, dw32, direct);  // dW [V, D] += dz^T h_tile
+    if (need_w && !bf16) {
+      gemm_rm(true, false, vocab, dim, cnt, dz, h_tile, 1.f, dw, direct);  // dW [V, D] += dz^T h_tile
+    } else if (need_w) {
+      const int64_t nblk = (vocab + vb - 1) / vb;
+      float* cbase = cblk.data_ptr<float>();
+      uint16_t* hip = reinterpret_cast<uint16_t*>(dw.data_ptr<at::BFloat16>());
+      int8_t* lop = dw_lo.data_ptr<int8_t>();
+      const T* hp = h_tile.data_ptr<T>();
+      const float* u = nullptr;  // sum_i c0_i h_i, added to every row of dW
+      if (flat) {
+        float* us = usum.data_ptr<float>();
+        std::fill(us, us + dim, 0.f);
+        for (int64_t i = 0; i < cnt; ++i) {
+          if (off[i] == 0.f) continue;
+          for (int64_t d = 0; d < dim; ++d) us[d] += off[i] * static_cast<float>(hp[i * dim + d]);
+        }
+        u = us;
+      }
+      at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+        float* c = cbase + static_cast<int64_t>(at::get_thread_num()) * vb * dim;
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t k0 = blk * vb, kb = std::min(vb, vocab - k0);
+          at::Tensor cb = at::from_blob(c, {kb, dim}, f32);
+          gemm_rm(true, false, kb, dim, cnt, dz.narrow(1, k0, kb), h_tile, 0.f, cb, direct);  // dz^T h, block
+          for (int64_t i = 0; i < cnt; ++i) {
+            for (int32_t q = 0; q < cn[i]; ++q) {
+              const int64_t k = ck[i * kCorrCap + q] - k0;
+              if (k < 0 || k >= kb) continue;
+              const float r = cv[i * kCorrCap + q];
+              float* cr = c + k * dim;
+              const T* hr = hp + i * dim;
+              for (int64_t d = 0; d < dim; ++d) cr[d] += r * static_cast<float>(hr[d]);
+            }
+          }
+#if GRAO_X86
+          if (vec) {
+            acc_hilo_avx512(hip + k0 * dim, lop + k0 * dim, c, u, kb, dim);
+            continue;
+          }
+#endif
+          acc_hilo_scalar(hip + k0 * dim, lop + k0 * dim, c, u, kb, dim);
+        }
+      });
     }
     if (need_b && has_bias) {
       float* db = db32.data_ptr<float>();
@@ -373,12 +692,6 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         }
       });
     }
-  }
-  at::Tensor dw = dw32;
-  if (grads && need_w && weight.scalar_type() != at::kFloat) {
-    z_buf.reset();  // let the workspace go before the cast allocates the bf16 result
-    dz16_buf.reset();
-    dw = dw32.to(weight.scalar_type());
   }
   at::Tensor db = grads && need_b && has_bias ? db32.to(bias->scalar_type()) : db32;
   return {logp, lse, ent, dh, dw, db};

@@ -36,7 +36,8 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "grao_cpu.cpp"
 #: Extension name; bump the suffix when the C++ interface changes (the cache is keyed by name and source).
 EXTENSION_NAME = "grao_kernels_cpu_v1"
 #: fp32 logits workspace per tile ([tile rows x V]), allocated once per call and independent of N. Each tile's
-#: GEMMs re-read (and the BLAS re-packs) the whole [V, D] weight and read-modify-write the fp32 dW, so that
+#: GEMMs re-read (and the BLAS re-packs) the whole [V, D] weight and read-modify-write dW (fp32, or bf16 plus
+#: its int8 residual: csrc/grao_cpu.cpp, acc_hilo), so that
 #: overhead falls as 1 / rows; at V = 32000 this budget gives 256-row tiles (measured on a 2-core Xeon under
 #: load, fp32 N=4096: 64-row tiles ~1.9x slower than 256-row ones, 512 rows no better) at 2% of eager's
 #: [N x V] memory at N = 4096. MIN_TILE_ROWS keeps large vocabularies (V = 152k: 128 rows, 74 MiB) efficient.

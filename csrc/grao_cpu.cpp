@@ -473,12 +473,12 @@ GRAO_AVX512 inline __m512 from_bf16_avx512(__m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-GRAO_AVX512 inline __m512 lo_unit_avx512(__m512 h) {  // as lo_unit
-  const __m512 unit = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(_mm512_getexp_ps(h), _mm512_set1_ps(15.f)));
-  const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(h), _mm512_set1_ps(std::numeric_limits<float>::infinity()),
-                                          _CMP_LT_OQ) &
-                       _mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-  return _mm512_maskz_mov_ps(ok, unit);
+// x * 2^(+-(exponent(h) - 15)), i.e. x times or over ulp(h) / 256, exact (VSCALEFPS: no division); 0 where h is 0,
+// inf or NaN, as lo_unit
+GRAO_AVX512 inline __m512 scale_by_unit(__m512 x, __m512 h, bool divide) {
+  const __mmask16 ok = static_cast<__mmask16>(~_mm512_fpclass_ps_mask(h, 0x9F));  // not +-0, +-inf, NaN
+  const __m512 e = _mm512_sub_ps(_mm512_getexp_ps(h), _mm512_set1_ps(15.f));
+  return _mm512_maskz_scalef_ps(ok, x, divide ? _mm512_sub_ps(_mm512_setzero_ps(), e) : e);
 }
 
 GRAO_AVX512 void acc_hilo_avx512(uint16_t* hi, int8_t* lo, const float* c, const float* u, int64_t rows,
@@ -491,14 +491,11 @@ GRAO_AVX512 void acc_hilo_avx512(uint16_t* hi, int8_t* lo, const float* c, const
       const int64_t k = r * dim + d;
       const __m512 h = from_bf16_avx512(_mm256_maskz_loadu_epi16(mk, hi + k));
       const __m512 l = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, lo + k)));
-      __m512 sum = _mm512_add_ps(_mm512_fmadd_ps(l, lo_unit_avx512(h), h), _mm512_maskz_loadu_ps(mk, c + k));
+      __m512 sum = _mm512_add_ps(_mm512_add_ps(scale_by_unit(l, h, false), h), _mm512_maskz_loadu_ps(mk, c + k));
       if (u) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mk, u + d));
       const __m256i nh = to_bf16_avx512(sum);
       const __m512 nf = from_bf16_avx512(nh);
-      const __m512 unit = lo_unit_avx512(nf);
-      // (sum - nf) / unit, exact (a power of two); 0 where unit is 0
-      const __m512 q = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(unit, _mm512_setzero_ps(), _CMP_NEQ_UQ),
-                                           _mm512_sub_ps(sum, nf), unit);
+      const __m512 q = scale_by_unit(_mm512_sub_ps(sum, nf), nf, true);  // (sum - nf) / unit, exact
       __m512i qi = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       qi = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), qi));
       _mm256_mask_storeu_epi16(hi + k, mk, nh);

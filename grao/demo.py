@@ -18,7 +18,8 @@ import torch
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=:>,")
-TASKS = ("reverse", "copy", "sort", "add", "copy_flawed")  # copy_flawed: grao/tasks_flawed.py
+TASKS = ("reverse", "copy", "sort", "add", "copy_flawed", "needle")  # copy_flawed: grao/tasks_flawed.py; needle:
+# grao/tasks_needle.py (long context)
 
 
 def build_tokenizer():
@@ -45,6 +46,14 @@ class DemoModelConfig:
     max_position_embeddings: int = 64
 
 
+def model_size(task: str | None = None) -> DemoModelConfig:
+    """The demo model's size for ``task``: the default, with positions enough for a long-context task's prompts."""
+    if task == "needle":
+        from grao import tasks_needle
+        return DemoModelConfig(max_position_embeddings=tasks_needle.MAX_POSITIONS)
+    return DemoModelConfig()
+
+
 def build_model(tokenizer, seed: int = 0, size: DemoModelConfig | None = None, attn_implementation: str = "sdpa"):
     """A tiny LlamaForCausalLM with a seeded random init (the global RNG state is left untouched)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,6 +78,9 @@ def make_example(task: str, rng: random.Random, min_len: int, max_len: int) -> d
     if task == "copy_flawed":  # imperfect references on a documented subset (grao/tasks_flawed.py)
         from grao import tasks_flawed
         return tasks_flawed.make_example(rng, min_len, max_len)
+    if task == "needle":  # the digits hidden in a long distractor context (grao/tasks_needle.py)
+        from grao import tasks_needle
+        return tasks_needle.make_example(rng, min_len, max_len)
     if task == "add":
         a, b = rng.randint(0, 10 ** max_len - 1), rng.randint(0, 10 ** max_len - 1)
         return {"prompt": f"{a}+{b}=", "reference": str(a + b)}

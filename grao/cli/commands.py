@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from grao.cli.options import build_config
+from grao import tasks_needle
+from grao.cli.options import build_config, load_yaml
 from grao.trainer.config import ConfigError, check_field
 
 # The built-in default (`grao demo` and `grao compare`): tuned to show a rising reward within a few
@@ -27,6 +28,9 @@ DEMO_DEFAULTS = dict(model="demo", task="copy", task_min_len=3, task_max_len=4, 
                      eval_prompts=128, output_dir="runs/demo", save_every=100)
 # How long `grao demo` takes with the defaults above (README and `grao demo --help` quote this).
 DEMO_TIME = "about half a minute on a 2-core CPU"
+# A task's own demo settings over DEMO_DEFAULTS (when --task or the YAML names it; flags still win): the
+# long-context needle task (grao/tasks_needle.py) needs its reward, lengths and a longer budget.
+TASK_DEMO_DEFAULTS = {tasks_needle.TASK: tasks_needle.DEMO_DEFAULTS}
 # Fields `grao compare` sets per run itself.
 COMPARE_SETS = {"method": "grao compare trains each of --methods", "seed": "grao compare trains each of --seeds",
                 "output_dir": "grao compare writes each run under --runs-dir"}
@@ -83,6 +87,12 @@ def _eval_lines(history: list[dict]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- train / demo
 
 
+def demo_defaults(args) -> dict:
+    """DEMO_DEFAULTS, updated with TASK_DEMO_DEFAULTS of the task that --task (or else the YAML --config) names."""
+    task = getattr(args, "task", None) or load_yaml(getattr(args, "config", None)).get("task")
+    return {**DEMO_DEFAULTS, **TASK_DEMO_DEFAULTS.get(task, {})}
+
+
 def cmd_train(args) -> int:
     """Train; also the entry point of each process under ``torchrun`` / ``accelerate launch`` (rank 0 prints)."""
     from grao.trainer import Trainer, ascii_curve, shutdown_distributed
@@ -109,7 +119,7 @@ def cmd_demo(args) -> int:
     from grao.trainer import Trainer, ascii_curve, load_model_and_tokenizer, plot_history
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_config(args, DEMO_DEFAULTS)
+    cfg = build_config(args, demo_defaults(args))
     quiet_progress(cfg.progress)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)

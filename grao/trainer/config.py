@@ -36,7 +36,7 @@ class TrainConfig:
     tokenizer: str | None = None  # defaults to `model`
     data: str | None = None  # JSONL/JSON file with prompt + reference (aliases solution/chosen, HH format); None with model=demo: the synthetic task
     eval_data: str | None = None
-    task: str = "reverse"  # synthetic task of the demo model: reverse, copy, sort, add, copy_flawed
+    task: str = "reverse"  # synthetic task of the demo model: reverse, copy, sort, add, copy_flawed, needle
     task_min_len: int = 3
     task_max_len: int = 5
     task_train_size: int = 2000
@@ -272,7 +272,8 @@ SECTIONS: dict[str, dict[str, Option]] = {
                        "the default is the synthetic --task", "file"),
         "eval_data": Option("held-out records (same format) evaluated every --eval-every steps", "file"),
         "task": _choice("synthetic task of the demo data: the answer reverses, copies, sorts or adds digits "
-                        "(copy_flawed: copy with wrong references on a fixed subset, grao/tasks_flawed.py)",
+                        "(copy_flawed: copy with wrong references on a fixed subset, grao/tasks_flawed.py; "
+                        "needle: the digits hidden in a long letter context, grao/tasks_needle.py)",
                         TASKS),
         "task_min_len": _int("shortest digit string of the synthetic task", 1),
         "task_max_len": _int("longest digit string of the synthetic task (>= --task-min-len)", 1),

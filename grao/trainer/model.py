@@ -55,7 +55,8 @@ def load_model_and_tokenizer(config: TrainConfig, source: str | None = None, dev
     if src == "demo":
         from grao import demo
         tok = demo.build_tokenizer()
-        model = demo.build_model(tok, seed=config.seed, attn_implementation=config.attn_implementation)
+        model = demo.build_model(tok, seed=config.seed, size=demo.model_size(config.task),
+                                 attn_implementation=config.attn_implementation)
     else:
         # trust_remote_code: a hub repository's own Python code runs only when the user asked for it
         remote = bool(config.trust_remote_code)

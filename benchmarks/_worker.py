@@ -1,7 +1,8 @@
 """Run one measurement in a fresh process: ``python -m benchmarks._worker '<json spec>'``.
 
 The spec has the keys of :class:`benchmarks.common.Point` plus impl, device, warmup, repeats,
-seed and budget_bytes. The result of :func:`benchmarks.common.measure` is printed as one line
+seed, budget_bytes and paired_flops (CPU: after the measurement, also ``benchmarks.common.paired_floor``
+against that many FLOPs, as ``result["paired"]``). The result of :func:`benchmarks.common.measure` is printed as one line
 ``RESULT <json>`` on stdout. Used by ``benchmarks.compare`` on CPU, where peak RSS is per process.
 """
 
@@ -20,6 +21,10 @@ def main(argv: list[str]) -> int:
     result = measure(spec["impl"], point, spec.get("device", "cpu"), warmup=spec.get("warmup", 1),
                      repeats=spec.get("repeats", 3), seed=spec.get("seed", 0),
                      budget_bytes=spec.get("budget_bytes"))
+    if spec.get("paired_flops") and result["status"] == "ok" and spec.get("device", "cpu") == "cpu":
+        from benchmarks.common import paired_floor
+
+        result["paired"] = paired_floor(spec["impl"], point, float(spec["paired_flops"]), seed=spec.get("seed", 0))
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0

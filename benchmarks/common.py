@@ -246,6 +246,38 @@ def measure(impl_name: str, p: Point, device: str, *, warmup: int = 1, repeats: 
 
 # ------------------------------------------------------------------------------------ environment
 
+def paired_floor(impl_name: str, p: Point, flops: float, *, pairs: int = 7, seed: int = 0) -> dict:
+    """Time over the matmul floor on CPU, measured in pairs so that a drifting machine speed cancels.
+
+    Each pair times one forward + backward of ``impl_name`` at ``p``, then ``flops`` worth of
+    [1024 x D] x [D x V] products in the point's dtype (the floor's time at this moment); the result is the
+    median of the per-pair ratios, with the medians of both times. Run it after the memory measurement
+    (its buffers would count in the peak)."""
+    dev = torch.device("cpu")
+    loss_fn = IMPLEMENTATIONS[impl_name].load(dev)
+    inputs = make_inputs(p, dev, seed=seed)
+    dt = DTYPES[p.dtype]
+    a, b = torch.randn(1024, p.D).to(dt), torch.randn(p.V, p.D).to(dt)
+    out = torch.mm(a, b.t())
+    per_mm = 2.0 * 1024 * p.D * p.V
+    calls = max(1, round(flops / per_mm))
+    step(loss_fn, inputs)
+    ratios, t_impl, t_floor = [], [], []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        step(loss_fn, inputs)
+        t1 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b.t(), out=out)
+        t2 = time.perf_counter()
+        floor = (t2 - t1) * flops / (calls * per_mm)
+        ratios.append((t1 - t0) / floor)
+        t_impl.append(1e3 * (t1 - t0))
+        t_floor.append(1e3 * floor)
+    return {"time_vs_floor": statistics.median(ratios), "time_ms": statistics.median(t_impl),
+            "floor_ms": statistics.median(t_floor), "pairs": pairs}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:

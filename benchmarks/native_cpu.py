@@ -11,12 +11,15 @@ each in its own process (``benchmarks.compare.run_cpu_worker``: median of 3 afte
 the native rows at N = 1024 ... 8192 (fp32) to show that the extra memory does not grow with N. Every token
 is a completion token, as in ``benchmarks.compare``.
 
-Reported per row: time; time / floor, where floor = FLOPs / this machine's matmul rate measured in the same
-run (the [4096 x 512] x [512 x 32000] product in the row's dtype, median of 5, before and after the rows:
-the faster of the two is used, i.e. the shorter floor, so load drift counts against the kernels); FLOPs =
+Reported per row: time; time / floor, where floor = FLOPs / this machine's matmul rate measured right before
+and right after the row (the [4096 x 512] x [512 x 32000] product in the row's dtype, median of 5 each: the
+faster of the two is used, i.e. the shorter floor, so load drift counts against the kernels); FLOPs =
 6 N D V for the fused loss (logits, dhidden, dweight) and 8 N D V for linear_logprob (its backward recomputes the logits); extra
 memory = peak RSS above the inputs minus their gradients (dhidden + dweight, which every implementation
 returns), and that extra as a share of eager's. The 1-minute load average is recorded before and after.
+"Paired time / floor" (``benchmarks.common.paired_floor``, in the same worker after the memory run) times the
+kernel and the floor's FLOPs of matmul alternately, a second apart, and takes the median ratio: on a machine
+whose speed drifts (this shared VM's does, by up to 2x between minutes) it is the figure to read.
 """
 
 from __future__ import annotations
@@ -65,8 +68,10 @@ def main(argv=None) -> int:
     jobs += [(impl, Point("N", 1, 7, t, 512, 32000)) for impl in ("fused", "logprob") for t in (128, 256, 1024)]
     rows = []
     for impl, p in jobs:
-        res = run_cpu_worker(impl, p, warmup=1, repeats=3, timeout=600)
-        res.update(point=p.to_dict(), load1_after=load1())
+        before = matmul_rate(p.dtype)
+        res = run_cpu_worker(impl, p, warmup=1, repeats=3, timeout=600,
+                             paired_flops=FLOPS_PER_NDV[impl] * p.N * p.D * p.V)
+        res.update(point=p.to_dict(), load1_after=load1(), matmul_rate_adjacent=[before, matmul_rate(p.dtype)])
         rows.append(res)
         print(f"  {impl:<16} {p.label():<40} {res['status']:<6} "
               f"{(res['time_ms'] or 0):8.0f} ms  peak extra {(res['peak_extra_bytes'] or 0) / MIB:7.0f} MiB",
@@ -79,10 +84,14 @@ def main(argv=None) -> int:
         p = r["point"]
         if r["status"] != "ok":
             continue
-        rate = max(rates[p["dtype"]])
+        # the matmul rate measured right before and right after this row (this machine's speed drifts from
+        # minute to minute, so a rate from the start or end of the run can be far from the row's); the higher
+        # one, the stricter floor
+        rate = max(r["matmul_rate_adjacent"])
         floor_s = FLOPS_PER_NDV[r["impl"]] * p["N"] * p["D"] * p["V"] / rate
         r["floor_ms"] = 1e3 * floor_s
         r["time_vs_floor"] = r["time_ms"] / r["floor_ms"]
+        r["paired_time_vs_floor"] = (r.get("paired") or {}).get("time_vs_floor")
         r["extra_bytes"] = r["peak_extra_bytes"] - r["grad_bytes"]  # the issue's definition: gradients excluded
         e = eager.get((p["dtype"], p["N"]))
         if e is not None:
@@ -106,24 +115,31 @@ def markdown(env: dict, rates: dict, rows: list[dict]) -> str:
                 f"1-minute load average {env['load1_start']:.2f} at the start, {env['load1_end']:.2f} at the end "
                 "(other processes shared the machine when it is above ~0.5). \"load after\" is read right after each row "
                 "and includes this benchmark's own 2-thread workers.")
-    matmul = ("Matmul rate of a [4096 x 512] x [512 x 32000] torch.mm in the same run (start / end; the floor uses "
-              "the higher, the stricter floor): "
+    matmul = ("Matmul rate of a [4096 x 512] x [512 x 32000] torch.mm in the row's dtype, measured in the parent "
+              "process right before and right after each row (median of 5 each); a row's floor uses the higher of "
+              "its two, the stricter floor (column \"matmul\"). At the start / end of the run: "
               + "; ".join(f"{dt} {r[0] / 1e9:.0f} / {r[1] / 1e9:.0f} GFLOP/s" for dt, r in rates.items()) + ".")
     method = ("Forward + backward; every token a completion token. Floor = FLOPs / matmul rate, FLOPs = 6 N D V "
               "(fused GRAO loss) or 8 N D V (linear_logprob, whose backward recomputes the logits; eager is charged "
               "6). Extra memory = peak RSS above the inputs minus dhidden + dweight.")
-    header = ("| point | impl | time (ms) | floor (ms) | time / floor | time / eager | extra memory | extra / eager's "
-              "| load after |")
+    paired = ("\"Paired time / floor\" is measured in the worker after the memory run: 7 pairs, each one forward + "
+              "backward, then the row's FLOPs of [1024 x D] x [D x V] products in the row's dtype; the median of the "
+              "per-pair ratios. The machine's speed drifts on a scale of seconds to minutes (this VM shares its host), "
+              "and a pair a second apart sees the same speed: this is the column to read for the time target.")
+    header = ("| point | impl | time (ms) | matmul (GFLOP/s) | floor (ms) | time / floor | paired time / floor "
+              "| time / eager | extra memory | extra / eager's | load after |")
     lines = ["# Native CPU kernel: time against the matmul floor, memory against eager", "", measured, "", matmul, "",
-             method, "", header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             method, "", paired, "", header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         p = r["point"]
         shape = f"N={p['N']} D={p['D']} V={p['V']} {p['dtype']}"
         if r["status"] != "ok":
-            lines.append(f"| {shape} | {r['impl']} | **{r['status']}** {r.get('reason', '')} | | | | | | |")
+            lines.append(f"| {shape} | {r['impl']} | **{r['status']}** {r.get('reason', '')} | | | | | | | | |")
             continue
-        lines.append(f"| {shape} | {r['impl']} | {r['time_ms']:.0f} | {r['floor_ms']:.0f} | "
-                     f"{r['time_vs_floor']:.2f} | {_f(r.get('time_vs_eager'), '.2f')} | "
+        lines.append(f"| {shape} | {r['impl']} | {r['time_ms']:.0f} | {max(r['matmul_rate_adjacent']) / 1e9:.0f} | "
+                     f"{r['floor_ms']:.0f} | "
+                     f"{r['time_vs_floor']:.2f} | {_f(r.get('paired_time_vs_floor'), '.2f')} | "
+                     f"{_f(r.get('time_vs_eager'), '.2f')} | "
                      f"{r['extra_bytes'] / MIB:.0f} MiB | {_f(r.get('extra_vs_eager'), '.1%')} | "
                      f"{r['load1_after']:.2f} |")
     return "\n".join(lines) + "\n"

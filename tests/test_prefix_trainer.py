@@ -58,9 +58,12 @@ def test_plan_micro_batches_by_tokens():
     assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 6)]
     cfg.micro_batch_tokens = 12  # group 1 is over, but its completions (8 tokens) fit: not split
     assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 3), (3, 6)]
-    cfg.micro_batch_tokens = 5  # group 1's completions are over: row ranges of <= 5 completion tokens
-    assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 1), (1, 3), (3, 6)]
-    assert plan_micro_batches(cfg, rows, 3, splittable=False) == [(0, 3), (3, 6)]
+    cfg.micro_batch_tokens = 5  # group 1's completions (8) are over, but so is its prompt (8): ranges of <= 8
+    assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 3), (3, 6)]
+    short = [(p2, [5] * 4), (p2, [5] * 4), (p2, [5] * 3)] + [(p1, [6] * 2)] * 3
+    # group 1 now has a 3-token prompt: its completions (3 + 3 + 2) split into ranges of <= 5 tokens
+    assert plan_micro_batches(cfg, short, 3, splittable=True) == [(0, 1), (1, 3), (3, 6)]
+    assert plan_micro_batches(cfg, short, 3, splittable=False) == [(0, 3), (3, 6)]
     cfg.prefix_sharing = False  # padded: rows x longest row
     cfg.micro_batch_tokens = 24
     assert plan_micro_batches(cfg, rows, 3, splittable=True) == [(0, 2), (2, 3), (3, 6)]
@@ -75,7 +78,11 @@ def test_plan_micro_batches_by_tokens():
     # a prompt longer than the budget: one pass for the group, not one prompt forward per row
     long_prompt = [([3] * 5000, [4] * 128)] * 9
     assert plan_micro_batches(cfg, long_prompt, 9, splittable=True) == [(0, 9)]
-    cfg.prefix_sharing = False  # padded rows repeat the prompt anyway: one row per pass
+    cfg.micro_batch_tokens = 1024  # a budget under the prompt: ranges of up to 5000 completion tokens, one pass
+    assert plan_micro_batches(cfg, long_prompt, 9, splittable=True) == [(0, 9)]
+    long_completions = [([3] * 2000, [4] * 1001)] * 9  # 9 x 1000 inputs: ranges of <= 2000 (the prompt), 2 rows
+    assert plan_micro_batches(cfg, long_completions, 9, splittable=True) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
+    cfg.prefix_sharing, cfg.micro_batch_tokens = False, 4096  # padded rows repeat the prompt: one row per pass
     assert plan_micro_batches(cfg, long_prompt, 9, splittable=True) == [(r, r + 1) for r in range(9)]
 
 

@@ -8,7 +8,9 @@ of the step's normaliser, times the world size that DDP / FSDP average over).
 Micro-batches (:func:`plan_micro_batches`) are contiguous row ranges: ``micro_batch_rows`` rows when it is
 set, else whole groups packed while the tokens one pass forwards fit ``micro_batch_tokens`` (a group whose
 completions alone are over the budget is split into row ranges, each forwarding its prompt again; the
-prompt is not counted then, so a long prompt costs one forward per range, not per row), else the whole step.
+prompt is not counted then, and a range may hold as many completion tokens as the prompt has when that is
+more than the budget, so a long prompt costs one forward per range, not per row, and at most one per
+prompt-length of completions), else the whole step.
 So memory stays flat as G and lengths grow without the user sizing anything.
 
 GRAO micro-batching is exact because the advantages are constants computed once per group from all
@@ -106,7 +108,10 @@ def _split_tokens(rows: Rows, shared: bool) -> int:
 
 def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: bool) -> list[tuple[int, int]]:
     """Whole groups while the pass fits ``budget`` tokens; a group whose completions alone are over it is
-    split into row ranges (see :func:`_split_tokens`)."""
+    split into row ranges (see :func:`_split_tokens`) of up to ``max(budget, prompt length)`` completion
+    tokens when packed: every range forwards the prompt again, so ranges shorter than the prompt would
+    multiply its forwards without lowering the peak much (measured at a 4096-token prompt, G = 8, 128-token
+    completions, budget 1024: two passes instead of one, 63% slower, the same peak)."""
     n = len(rows)
     out, start = [], 0
     for u0 in range(0, n, unit):
@@ -114,12 +119,13 @@ def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: b
         if start < u0 and pass_tokens(rows[start:u1], shared) > budget:
             out.append((start, u0))
             start = u0
-        if splittable and _split_tokens(rows[u0:u1], shared) > budget:  # the group alone is over: split it
+        limit = max(budget, len(rows[u0][0])) if shared else budget
+        if splittable and _split_tokens(rows[u0:u1], shared) > limit:  # the group alone is over: split it
             if start < u0:
                 out.append((start, u0))
             a = u0
             for r in range(u0 + 1, u1):
-                if _split_tokens(rows[a:r + 1], shared) > budget:
+                if _split_tokens(rows[a:r + 1], shared) > limit:
                     out.append((a, r))
                     a = r
             out.append((a, u1))

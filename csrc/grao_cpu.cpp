@@ -403,39 +403,31 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const at::Tensor
   const at::Tensor A = opa, B = opb;
   at::Tensor C = c;
   constexpr int64_t kSlice = 1024;
-  if (k >= m && k >= n) {
+  const auto mm_into = [beta](at::Tensor& out, const at::Tensor& a32, const at::Tensor& b32, bool first) {
+    if (first && beta == 0.f) {
+      at::mm_out(out, a32, b32);
+    } else {
+      out.addmm_(a32, b32);
+    }
+  };
+  if (k >= m && k >= n) {  // slices of the reduction: each adds into C
     for (int64_t k0 = 0; k0 < k; k0 += kSlice) {
       const int64_t kb = std::min(kSlice, k - k0);
-      const at::Tensor a32 = A.narrow(1, k0, kb).to(at::kFloat), b32 = B.narrow(0, k0, kb).to(at::kFloat);
-      if (k0 == 0 && beta == 0.f) {
-        at::mm_out(C, a32, b32);
-      } else {
-        C.addmm_(a32, b32);
-      }
+      mm_into(C, A.narrow(1, k0, kb).to(at::kFloat), B.narrow(0, k0, kb).to(at::kFloat), k0 == 0);
     }
-  } else if (n >= m) {
+  } else if (n >= m) {  // column slices of C
     const at::Tensor a32 = A.to(at::kFloat);
     for (int64_t n0 = 0; n0 < n; n0 += kSlice) {
       const int64_t nb = std::min(kSlice, n - n0);
       at::Tensor cs = C.narrow(1, n0, nb);
-      const at::Tensor b32 = B.narrow(1, n0, nb).to(at::kFloat);
-      if (beta == 0.f) {
-        at::mm_out(cs, a32, b32);
-      } else {
-        cs.addmm_(a32, b32);
-      }
+      mm_into(cs, a32, B.narrow(1, n0, nb).to(at::kFloat), true);
     }
-  } else {
+  } else {  // row slices of C
     const at::Tensor b32 = B.to(at::kFloat);
     for (int64_t m0 = 0; m0 < m; m0 += kSlice) {
       const int64_t mb = std::min(kSlice, m - m0);
       at::Tensor cs = C.narrow(0, m0, mb);
-      const at::Tensor a32 = A.narrow(0, m0, mb).to(at::kFloat);
-      if (beta == 0.f) {
-        at::mm_out(cs, a32, b32);
-      } else {
-        cs.addmm_(a32, b32);
-      }
+      mm_into(cs, A.narrow(0, m0, mb).to(at::kFloat), b32, true);
     }
   }
 }

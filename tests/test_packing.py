@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grao import packing
 from grao.packed_attention import (
     enable_prefix_sharing,
     packed_forward_kwargs,
     prefix_sharing_enabled,
 )
-from grao import packing
 from grao.packing import forwarded_tokens, pack_rows, unpack_token_values
 from grao.trainer import pad_rows
 from grao_kernels import fused_linear_grao_loss
@@ -105,7 +105,7 @@ def test_completion_blocks_hold_whole_completions(monkeypatch):
     packed = pack_rows(rand_rows([(6, [1, 40, 3, 25, 9, 2, 2])], seed=0))
     blocks = packed.segments.completion_blocks(0, torch.float32, torch.device("cpu"))
     assert [n for n, _ in blocks] == [39, 2, 24, 8, 2]  # inputs 0, 39, 2, 24, 8, 1, 1; a block ends past Lp = 6
-    n, mask = blocks[-1]
+    _, mask = blocks[-1]
     visible = (mask == 0).tolist()
     assert mask.shape == (2, 6 + 2)
     assert visible == [[True] * 6 + [True, False], [True] * 6 + [False, True]]  # two one-token completions

@@ -17,6 +17,7 @@ from grao_kernels.reference import (
     group_advantages,
     linear_grao_loss,
     linear_logits,
+    linear_logprob_dot,
     packed_sequence_logprob,
     sequence_logprob,
     token_logprobs,
@@ -25,5 +26,5 @@ from grao_kernels.reference import (
 __all__ = [
     "COMPONENTS", "GRAOInputError", "_grao_loss", "_group_advantages", "compute_dtype", "grao_loss",
     "grao_objective", "grao_row_grad", "group_advantages", "linear_grao_loss", "linear_logits",
-    "packed_sequence_logprob", "sequence_logprob", "token_logprobs",
+    "linear_logprob_dot", "packed_sequence_logprob", "sequence_logprob", "token_logprobs",
 ]

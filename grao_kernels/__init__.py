@@ -5,6 +5,8 @@ Public API:
     group_advantages(rewards, *, eps, reference_in_stats)
     fused_linear_grao_loss(hidden, weight, labels, rewards, *, beta, lam, eps, bias, temperature,
                            ignore_index, reference_in_stats)
+    fused_linear_logprob_dot(hidden, weight, labels, coef, *, bias, temperature, ignore_index)
+        (sum(coef * logp) for per-token coefficients known before the call, gradients in the same pass)
 
 CUDA tensors run Triton kernels; CPU fp32 / bf16 tensors the native C++ kernel of csrc/ (built on
 first use, grao_kernels.cpu_native; GRAO_KERNELS_CPU=chunked|native forces a path), other CPU (and float64)
@@ -24,7 +26,8 @@ from grao_kernels._checks import GRAOInputError
 from grao_kernels._limits import GRAOUnsupportedError, GRAOUnusedGradientWarning
 from grao_kernels.grao_loss import fused_linear_grao_loss, group_advantages
 from grao_kernels.linear_logprob import linear_logprob
+from grao_kernels.logprob_dot import fused_linear_logprob_dot
 from grao_kernels.reference import COMPONENTS
 
-__all__ = ["linear_logprob", "group_advantages", "fused_linear_grao_loss", "GRAOInputError", "GRAOUnsupportedError",
+__all__ = ["linear_logprob", "group_advantages", "fused_linear_grao_loss", "fused_linear_logprob_dot", "GRAOInputError", "GRAOUnsupportedError",
            "GRAOUnusedGradientWarning", "COMPONENTS", "reference"]

@@ -131,6 +131,20 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
     return LinearLayout(rows=rows, seq_len=seq_len, hidden_dim=dim, vocab=vocab)
 
 
+def check_logprob_coef(coef, labels: torch.Tensor) -> None:
+    """Validate the per-token coefficients of ``fused_linear_logprob_dot``: floating, shaped like labels, on
+    their device, finite, and constant (no gradient flows to them)."""
+    check_tensor("coef", coef, floating=True)
+    if tuple(coef.shape) != tuple(labels.shape):
+        _fail(f"coef must be shaped like labels {_shape(labels)}, got {_shape(coef)}")
+    if coef.device != labels.device:
+        _fail(f"coef must be on labels' device {labels.device}, got {coef.device}")
+    if coef.requires_grad:
+        _fail("coef must not require grad: it is the loss's constant dLoss/dlogp per token (detach it)")
+    if coef.numel() > 0 and _checking_values() and not bool(torch.isfinite(coef).all()):
+        _fail("coef must be finite; found a NaN or inf entry")
+
+
 def check_rewards(rewards, num_rows: int | None = None, *, device=None) -> tuple[int, int]:
     """Validate rewards [P, G+1] (G >= 1, finite, floating); return (P, G)."""
     check_tensor("rewards", rewards, floating=True)

@@ -25,12 +25,24 @@ import torch
 
 from grao_kernels._autocast import register_autocast_rule
 from grao_kernels._backend import cuda_design, resolve_backend
-from grao_kernels._checks import check_grao_hyper, check_linear_grao_inputs, check_rewards
-from grao_kernels._chunked import chunked_linear_logprob
-from grao_kernels._limits import GRAOUnsupportedError, PendingGrads, refuse_double_backward
-from grao_kernels.cpu_native import cpu_pass
-from grao_kernels.reference import (COMPONENTS, _group_advantages, compute_dtype, grao_objective, grao_row_grad,
-                                    sequence_logprob)
+from grao_kernels._checks import (
+    check_grao_hyper,
+    check_linear_grao_inputs,
+    check_rewards,
+)
+from grao_kernels._handover import (
+    handover_backward,
+    handover_setup_context,
+    known_grad_pass,
+)
+from grao_kernels.reference import (
+    COMPONENTS,
+    _group_advantages,
+    compute_dtype,
+    grao_objective,
+    grao_row_grad,
+    sequence_logprob,
+)
 
 
 def group_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, reference_in_stats: bool = True,
@@ -51,7 +63,10 @@ def _triton_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, referenc
                  ignore_index, needs):
     """Log-prob kernel -> epilogue kernel (loss, parts, per-token gradient) -> log-prob backward kernel."""
     from grao_kernels._triton_grao import triton_grao_epilogue
-    from grao_kernels._triton_linear import triton_logprob_backward, triton_logprob_forward
+    from grao_kernels._triton_linear import (
+        triton_logprob_backward,
+        triton_logprob_forward,
+    )
 
     rows, seq_len = labels.shape
     flat_labels = labels.reshape(-1)
@@ -69,24 +84,16 @@ def _triton_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, referenc
 
 
 def _chunked_pass(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature,
-                  ignore_index, needs, design="chunked"):
-    """Advantages and per-token gradients first (the reference), then one chunked pass for log-probs and grads:
-    the chunked PyTorch path, or (design "gemm", CUDA) cuBLAS GEMMs with one Triton row kernel (6·N·D·V)."""
+                  ignore_index, needs, design="torch"):
+    """Advantages and per-token gradients first (the reference), then one pass for log-probs and grads
+    (``known_grad_pass``: the native CPU kernel, the chunked PyTorch path, or on CUDA the "gemm" design's
+    cuBLAS GEMMs with one Triton row kernel; 6·N·D·V)."""
     mask = labels != ignore_index
     counts = mask.sum(-1)
     adv_acc = _group_advantages(rewards, eps, reference_in_stats).to(compute_dtype(hidden.dtype))
     grad_logp = (grao_row_grad(adv_acc, counts, beta=beta, lam=lam).unsqueeze(1) * mask).reshape(-1)
-    if design == "gemm":
-        from grao_kernels._triton_gemm import gemm_logprob_pass
-        logp, _, *grads = gemm_logprob_pass(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
-                                            ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
-                                            need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-    else:
-        run = cpu_pass if design == "native" else chunked_linear_logprob  # native: csrc/grao_cpu.cpp
-        out = run(hidden, weight, labels.reshape(-1), bias, temperature=temperature,
-                  ignore_index=ignore_index, grad_logp=grad_logp if any(needs) else None,
-                  need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-        logp, grads = out.logp, (out.grad_hidden, out.grad_weight, out.grad_bias)
+    logp, grads = known_grad_pass(design, hidden, weight, labels.reshape(-1), bias, grad_logp,
+                                  temperature=temperature, ignore_index=ignore_index, needs=needs)
     seq_logp = sequence_logprob(logp.view(labels.shape), mask)
     loss, parts = grao_objective(seq_logp, adv_acc, beta=beta, lam=lam)
     components = torch.stack([parts[name] for name in COMPONENTS])
@@ -110,10 +117,9 @@ def fused_linear_grao_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     args = (hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index, needs)
     if backend != "triton":
-        loss, components, adv, seq_logp, counts, grads = _chunked_pass(
-            *args, design="native" if backend == "native" else "chunked")
+        loss, components, adv, seq_logp, counts, grads = _chunked_pass(*args, design=backend)
     elif cuda_design() == "gemm":
-        loss, components, adv, seq_logp, counts, grads = _chunked_pass(*args, design="gemm")
+        loss, components, adv, seq_logp, counts, grads = _chunked_pass(*args, design="triton-gemm")
     else:
         loss, components, adv, seq_logp, counts, grads = _triton_pass(*args)
     acc = compute_dtype(hidden.dtype)
@@ -137,48 +143,6 @@ def fake_grao_outputs(hidden, weight, bias, rewards, rows: int, need_hidden, nee
 def _(hidden, weight, bias, labels, rewards, beta, lam, eps, reference_in_stats, temperature, ignore_index,
       need_hidden, need_weight, need_bias, backend):
     return fake_grao_outputs(hidden, weight, bias, rewards, labels.shape[0], need_hidden, need_weight, need_bias)
-
-
-def handover_setup_context(ctx, inputs, output):
-    """setup_context of a fused GRAO op (padded or token-packed): outputs 5.. are the input gradients."""
-    ctx.mark_non_differentiable(*output[1:])
-    # Only the loss receives a gradient; without this autograd would materialise zero "gradients"
-    # for the other outputs, dweight's shape among them (a transient [V, D] buffer at the peak).
-    ctx.set_materialize_grads(False)
-    if torch.compiler.is_compiling():
-        ctx.save_for_backward(*output[5:])
-        ctx.grads = None
-    else:
-        # Eager: hold the gradients on ctx (not save_for_backward) so backward can scale them in
-        # place and hand over the only reference; autograd then adopts them as .grad without a
-        # copy. Either a product or that copy would hold a second [V, D] fp32 dweight at the peak.
-        # Freed without a backward, PendingGrads warns once that the gradient work was wasted.
-        ctx.grads = PendingGrads(list(output[5:]))
-
-
-def handover_backward(op_name: str, non_tensor_args: int):
-    """The backward of a fused GRAO op: the forward's gradients scaled by the incoming one (in place, handed
-    over once); ``non_tensor_args`` inputs after hidden, weight, bias get no gradient.
-
-    Wrapped in torch.compiler.disable: when a compiled step graph-breaks at loss.backward(), the engine
-    calls this Python backward with dynamo's frame hook still set (CPU autograd runs on the caller's
-    thread); without it dynamo compiled it into a graph of its own (issue 13: the extra graph in
-    torch._dynamo.explain). Compiled graphs are unaffected: AOTAutograd traces the backward without dynamo.
-    """
-    def backward(ctx, grad_loss, *_unused):
-        if ctx.grads is None:  # traced by torch.compile: functional
-            return tuple(None if g.numel() == 0 and g.dim() == 1 else g * grad_loss.to(g.dtype)
-                         for g in ctx.saved_tensors) + (None,) * non_tensor_args
-        refuse_double_backward(op_name, "grao.linear_grao_loss", ctx.grads)
-        grads = ctx.grads.take()  # ctx lets go: after return the result holds the only reference
-        if grads is None:
-            raise GRAOUnsupportedError(f"{op_name}: backward through the same loss twice is not supported "
-                                       "(its gradients are computed in the forward and handed over once); "
-                                       "call the loss again for a second backward")
-        return tuple(None if g.numel() == 0 and g.dim() == 1 else g.mul_(grad_loss.to(g.dtype))
-                     for g in grads) + (None,) * non_tensor_args
-
-    return torch.compiler.disable(backward)
 
 
 fused_linear_grao_op.register_autograd(handover_backward("fused_linear_grao_loss", 12),

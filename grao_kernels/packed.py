@@ -22,13 +22,12 @@ from __future__ import annotations
 import torch
 
 from grao_kernels._autocast import register_autocast_rule
-from grao_kernels._chunked import chunked_linear_logprob
-from grao_kernels.cpu_native import cpu_pass
-from grao_kernels.grao_loss import (
-    fake_grao_outputs,
+from grao_kernels._handover import (
     handover_backward,
     handover_setup_context,
+    known_grad_pass,
 )
+from grao_kernels.grao_loss import fake_grao_outputs
 from grao_kernels.reference import (
     COMPONENTS,
     _group_advantages,
@@ -49,23 +48,8 @@ def _packed_pass(hidden, weight, bias, labels, row_index, rewards, beta, lam, ep
     grad_logp = None
     if any(needs):
         grad_logp = grao_row_grad(adv, counts, beta=beta, lam=lam).index_select(0, row_index) * mask
-    if backend == "triton":
-        from grao_kernels._triton_linear import (
-            triton_logprob_backward,
-            triton_logprob_forward,
-        )
-        logp, lse, _ = triton_logprob_forward(hidden, weight, labels, bias, temperature=temperature,
-                                              ignore_index=ignore_index, return_entropy=False)
-        grads = (None, None, None)
-        if grad_logp is not None:
-            grads = triton_logprob_backward(hidden, weight, labels, bias, lse, grad_logp.float().contiguous(),
-                                            temperature=temperature, ignore_index=ignore_index,
-                                            need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-    else:  # "native": csrc/grao_cpu.cpp as for the padded op (chunked for dtypes it does not serve)
-        run = cpu_pass if backend == "native" else chunked_linear_logprob
-        out = run(hidden, weight, labels, bias, temperature=temperature, ignore_index=ignore_index,
-                  grad_logp=grad_logp, need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-        logp, grads = out.logp, (out.grad_hidden, out.grad_weight, out.grad_bias)
+    logp, grads = known_grad_pass(backend, hidden, weight, labels, bias, grad_logp, temperature=temperature,
+                                  ignore_index=ignore_index, needs=needs)
     seq_logp = packed_sequence_logprob(logp.to(acc), mask, row_index, rows)
     loss, parts = grao_objective(seq_logp, adv, beta=beta, lam=lam)
     return loss, torch.stack([parts[name] for name in COMPONENTS]), adv, seq_logp, counts, grads

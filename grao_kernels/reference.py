@@ -176,6 +176,24 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits / temperature if temperature != 1.0 else logits
 
 
+def linear_logprob_dot(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, *,
+                       bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(coef * logp)`` over the tokens of ``labels`` from the full logits: the eager twin of
+    ``grao_kernels.fused_linear_logprob_dot`` (same arguments and errors). Returns (value, logp): value
+    float32 (float64 for float64 inputs) differentiable w.r.t. hidden, weight and bias; logp [labels.shape]
+    detached, 0 at ignored tokens; coefficients at ignored tokens are not used."""
+    from grao_kernels._checks import check_linear_inputs, check_logprob_coef, check_scalar
+
+    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    check_logprob_coef(coef, labels)
+    temperature = check_scalar("temperature", temperature, positive=True)
+    h = hidden.reshape(*labels.shape, hidden.shape[-1])
+    logp = token_logprobs(linear_logits(h, weight, bias, temperature), labels, ignore_index=ignore_index)
+    weights = torch.where(labels != ignore_index, coef.to(logp.dtype), torch.zeros_like(logp))
+    return (weights * logp).sum(), logp.detach()
+
+
 def linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rewards: torch.Tensor, *,
                      beta: float = 0.5, lam: float = 0.6, eps: float = 1e-6, bias: torch.Tensor | None = None,
                      temperature: float = 1.0, ignore_index: int = -100, reference_in_stats: bool = True,

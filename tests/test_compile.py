@@ -56,6 +56,28 @@ def test_compiled_grao_loss_matches_eager(backend):
         torch.testing.assert_close(c.grad, e.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_logprob_dot_matches_eager():
+    hidden, weight, bias, labels, _ = make_problem(2, 2, 5, 16, 29, dtype=torch.float32, bias=True)
+    coef = torch.randn(labels.shape, generator=torch.Generator().manual_seed(7))
+
+    def step(h, w, b):
+        value, logp = grao_kernels.fused_linear_logprob_dot(h, w, labels, coef, bias=b, temperature=0.8)
+        return value * 2.0, logp
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    ins_c = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    ins_e = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    value_c, logp_c = compiled(*ins_c)
+    value_c.backward()
+    value_e, logp_e = grao_kernels.reference.linear_logprob_dot(ins_e[0], ins_e[1], labels, coef, bias=ins_e[2],
+                                                                temperature=0.8)
+    (2.0 * value_e).backward()
+    torch.testing.assert_close(value_c, 2.0 * value_e.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logp_c, logp_e, rtol=1e-5, atol=1e-6)
+    for c, e in zip(ins_c, ins_e):
+        torch.testing.assert_close(c.grad, e.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_compiled_linear_logprob_matches_eager():
     hidden, weight, _, labels, _ = make_problem(1, 2, 4, 8, 19, dtype=torch.float32)
 

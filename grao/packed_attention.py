@@ -27,6 +27,10 @@ the interface with query/key/value after RoPE (Llama, Mistral, Qwen2, Qwen3 fami
 configs of each). Refused with an error: other model types, recurrent / linear-attention / sliding-window
 layer types (a sliding window is allowed when it is wider than every packed position), logit soft-capping
 and attention sinks.
+
+A group split into several micro-batches forwards its prompt once: :class:`PromptKV` keeps the prompt's
+keys and values for the passes over its completions (each pass's row then starts with the prompt's last
+token, its other prompt positions served from the cache).
 """
 
 from __future__ import annotations
@@ -76,6 +80,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if query.shape[0] != 1 or query.shape[2] != packing.length:
         raise ValueError(f"prefix sharing: the packed forward expects one row of {packing.length} tokens, got "
                          f"queries of shape {list(query.shape)}")
+    kv = packing.prompt_kv
+    layer = getattr(module, "layer_idx", None)
+    if kv is not None:
+        if layer is None:
+            raise NotImplementedError(f"prefix sharing: {type(module).__name__} has no layer_idx; a prompt "
+                                      f"forwarded once for several passes needs one per attention layer")
+        if kv.recording:
+            kv.record(layer, key, value)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: query head h reads key/value head h // groups
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -84,20 +96,28 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     sizes = [seg.stop - seg.start for seg in packing.segments]
     pieces = []
     for index, (seg, q, k, v) in enumerate(zip(packing.segments, *(t.split(sizes, dim=2) for t in (query, key, value)))):
-        lp, nc = seg.prompt_len, seg.stop - seg.prompt_stop
-        if nc == 0:
+        m, nc = seg.prompt_stop - seg.start, seg.stop - seg.prompt_stop
+        if nc == 0 and not seg.cached:
             pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling))
             continue
-        q_prompt, q_completions = q.split([lp, nc], dim=2)
-        k_prompt, k_completions = k.split([lp, nc], dim=2)
-        v_prompt, v_completions = v.split([lp, nc], dim=2)
-        pieces.append(F.scaled_dot_product_attention(q_prompt, k_prompt, v_prompt, dropout_p=dropout, is_causal=True,
-                                                     scale=scaling))
+        q_prompt, q_completions = q.split([m, nc], dim=2)
+        k_prompt, k_completions = k.split([m, nc], dim=2)
+        v_prompt, v_completions = v.split([m, nc], dim=2)
+        if seg.cached:  # the prompt's first positions come from an earlier forward (PromptKV)
+            k_cached, v_cached = kv.get(layer)
+            if groups > 1:
+                k_cached, v_cached = k_cached.repeat_interleave(groups, dim=1), v_cached.repeat_interleave(groups, dim=1)
+            k_prompt, v_prompt = torch.cat([k_cached, k_prompt], dim=2), torch.cat([v_cached, v_prompt], dim=2)
+            pieces.append(F.scaled_dot_product_attention(q_prompt, k_prompt, v_prompt, dropout_p=dropout, scale=scaling,
+                                                         attn_mask=packing.prompt_mask(index, query.dtype, query.device)))
+        else:
+            pieces.append(F.scaled_dot_product_attention(q_prompt, k_prompt, v_prompt, dropout_p=dropout,
+                                                         is_causal=True, scale=scaling))
         blocks = packing.completion_blocks(index, query.dtype, query.device)
         block_sizes = [n for n, _ in blocks]
         for (_, mask), qb, kb, vb in zip(blocks, *(t.split(block_sizes, dim=2)
                                                     for t in (q_completions, k_completions, v_completions))):
-            if len(blocks) > 1:
+            if len(blocks) > 1 or seg.cached:
                 kb, vb = torch.cat([k_prompt, kb], dim=2), torch.cat([v_prompt, vb], dim=2)
             else:  # one block: the segment's keys as they are, no copy
                 kb, vb = k, v
@@ -105,6 +125,63 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                                                          scale=scaling))
     out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+class PromptKV:
+    """A prompt's keys and values, per attention layer, from one forward, served to several passes over its
+    completions (a group split into micro-batches forwards its prompt once, not once per pass).
+
+    Protocol (``grao.trainer.forward.PolicyForward.prompt_kv``): a forward of the prompt's first ``length``
+    tokens with ``PackedSegments.prompt_kv`` set records each layer's keys and values (after RoPE, before
+    grouped-query repetition) while :attr:`recording`; then each of the ``passes`` completion passes calls
+    :meth:`start_pass` and packs its rows with ``cached=length``. Passes before the last read detached copies
+    that collect the gradients w.r.t. the prompt's keys and values; the last pass reads the recorded tensors
+    themselves, and :meth:`backward` of its loss also sends the collected gradients into the prompt's forward,
+    so one backward finishes the prompt (under DDP that backward is the one that reduces). The same idea as
+    cascade / shared-prefix attention for inference, applied to training; the code is our own."""
+
+    def __init__(self, length: int, passes: int):
+        self.length, self.passes = int(length), int(passes)
+        self.recording, self.served = True, 0
+        self._recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._recorded[layer] = (key, value)
+
+    def start_pass(self) -> None:
+        if not self._recorded:
+            raise RuntimeError("PromptKV: no keys were recorded (the prompt forward did not run the packed attention)")
+        if self.served >= self.passes:
+            raise RuntimeError(f"PromptKV: pass {self.served + 1} started, {self.passes} planned")
+        self.recording = False
+        self.served += 1
+
+    @property
+    def last(self) -> bool:
+        return self.served == self.passes
+
+    def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.last:
+            return self._recorded[layer]
+        if layer not in self._copies:
+            self._copies[layer] = tuple(t.detach().requires_grad_(t.requires_grad) for t in self._recorded[layer])
+        return self._copies[layer]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate a pass's loss; the last pass's also carries the earlier passes' gradients w.r.t.
+        the prompt's keys and values into the prompt forward, then lets go of it."""
+        if not self.last:
+            loss.backward()
+            return
+        outputs, grads = [loss], [None]
+        for layer, copies in self._copies.items():
+            for recorded, copy in zip(self._recorded[layer], copies):
+                if copy.grad is not None:
+                    outputs.append(recorded)
+                    grads.append(copy.grad)
+        torch.autograd.backward(outputs, grads)  # a checkpointed layer's recompute still reads the keys here
+        self._recorded, self._copies = {}, {}
 
 
 def check_supported(model) -> None:

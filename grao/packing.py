@@ -36,10 +36,12 @@ class Segment:
     prompt_stop: int
     stop: int
     inputs: tuple[int, ...]
+    cached: int = 0  # prompt positions before ``start`` whose keys/values come from a PromptKV, not this row
 
     @property
     def prompt_len(self) -> int:
-        return self.prompt_stop - self.start
+        """Prompt positions every completion attends to: the cached ones and those in this row."""
+        return self.cached + self.prompt_stop - self.start
 
 
 @dataclass
@@ -53,7 +55,23 @@ class PackedSegments:
     segments: list[Segment]
     length: int
     max_position: int
+    prompt_kv: object = None  # grao.packed_attention.PromptKV: records a prompt forward's keys, or serves them
     _masks: dict = field(default_factory=dict, repr=False)
+
+    def prompt_mask(self, index: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Additive mask [m, cached + m] of segment ``index``'s m in-row prompt queries over [cached prompt
+        keys; in-row prompt keys] (causal, aligned to the end); None when nothing is cached (plain causal)."""
+        seg = self.segments[index]
+        if seg.cached == 0:
+            return None
+        key = ("prompt", index, dtype, device)
+        if key not in self._masks:
+            m = seg.prompt_stop - seg.start
+            cols = torch.arange(seg.cached + m, device=device)
+            visible = cols[None, :] <= seg.cached + torch.arange(m, device=device)[:, None]
+            self._masks[key] = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible,
+                                                                                                 float("-inf"))
+        return self._masks[key]
 
     def completion_blocks(self, index: int, dtype: torch.dtype, device: torch.device
                           ) -> list[tuple[int, torch.Tensor]]:
@@ -118,12 +136,14 @@ class PackedRows:
                                        output_size=self.labels.numel())
 
 
-def pack_rows(rows: Rows, *, share_prompts: bool = True) -> PackedRows:
+def pack_rows(rows: Rows, *, share_prompts: bool = True, cached: int = 0) -> PackedRows:
     """Pack (prompt, completion) rows; consecutive rows with equal prompts share one copy of it
     (``share_prompts=False``: every row keeps its own prompt, still padding-free).
 
     Every prompt needs at least one token (its last token's hidden state predicts the first completion
-    token); completions may be empty (no token, no label)."""
+    token); completions may be empty (no token, no label). ``cached``: the first ``cached`` tokens of the
+    prompt (one prompt for all rows) were forwarded earlier and their keys and values are served by a
+    ``PromptKV`` (``grao.packed_attention``); only the rest of it is in the packed row, at its positions."""
     ids: list[int] = []
     pos: list[int] = []
     source: list[int] = []
@@ -141,9 +161,12 @@ def pack_rows(rows: Rows, *, share_prompts: bool = True) -> PackedRows:
         if share_prompts:
             while j < len(rows) and list(rows[j][0]) == prompt:
                 j += 1
+        if cached and (i > 0 or j < len(rows) or cached >= len(prompt)):
+            raise ValueError(f"cached={cached}: every row must share one prompt longer than the cached part "
+                             f"(rows[{i}] has a {len(prompt)}-token prompt, rows {i}..{j - 1} share it)")
         start = len(ids)
-        ids += prompt
-        pos += range(len(prompt))
+        ids += prompt[cached:]
+        pos += range(cached, len(prompt))
         last = len(ids) - 1
         inputs = []
         for r in range(i, j):
@@ -158,7 +181,7 @@ def pack_rows(rows: Rows, *, share_prompts: bool = True) -> PackedRows:
             cu.append(len(labels))
             inputs.append(len(fed))
         max_pos = max(max_pos, len(prompt) - 1 + max(inputs))
-        segments.append(Segment(start, start + len(prompt), len(ids), tuple(inputs)))
+        segments.append(Segment(start, start + len(prompt) - cached, len(ids), tuple(inputs), cached))
         i = j
     long = torch.long
     return PackedRows(

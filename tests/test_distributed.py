@@ -90,12 +90,18 @@ def one_process(tmp_path_factory) -> Path:
     return one
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(tmp_path, one_process, parallel):
+@pytest.mark.parametrize("parallel, micro", [
+    ("ddp", ["--micro-batch-rows", "3"]),
+    # a budget that splits every group: its passes share one forward of the prompt (PromptKV), whose backward
+    # is the last pass's, the one DDP reduces in
+    ("ddp", ["--micro-batch-tokens", "8"]),
+    ("fsdp", ["--micro-batch-rows", "3"]),
+], ids=["ddp rows", "ddp split groups", "fsdp rows"])
+def test_two_processes_match_one_process(tmp_path, one_process, parallel, micro):
     two, one = tmp_path / "two", one_process
     fsdp = parallel == "fsdp"
     extra = ["--parallel", "fsdp"] if fsdp and importlib.util.find_spec("accelerate") is None else []
-    p2 = _popen(_launcher(2, fsdp) + ["train", *ARGS, "--output-dir", str(two), "--micro-batch-rows", "3", *extra])
+    p2 = _popen(_launcher(2, fsdp) + ["train", *ARGS, "--output-dir", str(two), *micro, *extra])
     out2 = p2.communicate(timeout=240)[0].decode()
     assert p2.returncode == 0, out2[-3000:]
 

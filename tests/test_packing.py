@@ -237,3 +237,72 @@ def test_unsupported_models_are_refused():
     shared_logp(mistral, rows)  # positions 0..6 < 8: the window changes nothing
     with pytest.raises(NotImplementedError, match="sliding window of 8"):
         shared_logp(mistral, rand_rows([(6, [5, 2])]))
+
+
+def prompt_kv_run(model, rows, row_coef, ranges, *, impl="eager"):
+    """Per-row log-probs and parameter gradients of sum(row_coef[row] * logp) over ``rows`` (one group):
+    ``ranges`` None is one unshared padded pass; else a pass per [start, stop) range, the prompt forwarded
+    once for all of them (PromptKV), as the trainer runs a group split into micro-batches."""
+    from grao.trainer.forward import LossBackend, PolicyForward
+    model.zero_grad(set_to_none=True)
+    fwd = PolicyForward(model, pad_id=0, device=torch.device("cpu"), autocast_dtype=None, backend=LossBackend(impl),
+                        prefix_sharing=ranges is not None)
+    logps = []
+    if ranges is None:
+        value, logp, mask = fwd.logprob_dot(rows, row_coef)
+        value.backward()
+        logps = [lp[m] for lp, m in zip(logp, mask)]
+    else:
+        kv = fwd.prompt_kv(rows[0][0], len(ranges))
+        assert kv.recording and kv.length == len(rows[0][0]) - 1
+        for start, stop in ranges:
+            value, logp, mask = fwd.logprob_dot(rows[start:stop], row_coef[start:stop], prompt_kv=kv)
+            kv.backward(value)
+            logps += [lp[m] for lp, m in zip(logp, mask)]
+    return logps, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("case, ranges", [
+    ("G=16", [(0, 5), (5, 6), (6, 17)]),
+    ("very different lengths", [(0, 2), (2, 3), (3, 5)]),
+    ("empty completion", [(0, 1), (1, 2), (2, 4)]),
+    ("reference longer than every sample", [(0, 3), (3, 4)]),
+])
+def test_prompt_forwarded_once_for_several_passes_float64(kind, case, ranges, block_tokens):
+    """A group split into passes that share one prompt forward (PromptKV: the prompt's keys and values kept,
+    their gradients collected across the passes and sent into the prompt forward by the last pass's backward)
+    gives the unshared log-probs and the same parameter gradients."""
+    model = tiny(kind)
+    rows = rand_rows(CASES[case], seed=len(case))
+    coef = torch.randn(len(rows), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref_logp, ref_grads = prompt_kv_run(model, rows, coef, None)
+    got_logp, got_grads = prompt_kv_run(model, rows, coef, ranges)
+    assert [t.numel() for t in got_logp] == [len(c) for _, c in rows]
+    for r, (a, b) in enumerate(zip(got_logp, ref_logp)):
+        assert rel_err(a, b) <= 1e-12, f"row {r}: relative error {rel_err(a, b):.2e}"
+    assert set(got_grads) == set(ref_grads) and any(g.abs().max() > 0 for g in ref_grads.values())
+    for name in ref_grads:  # RMSNorm in float32 (see test_grao_loss_and_gradients_shared_equal_unshared)
+        assert rel_err(got_grads[name], ref_grads[name]) <= 1e-6, f"{name}: {rel_err(got_grads[name], ref_grads[name]):.2e}"
+
+
+def test_prompt_kv_with_gradient_checkpointing_and_fused_loss():
+    rows = rand_rows(CASES["G=16"], seed=7)
+    coef = torch.randn(len(rows), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    plain = tiny()
+    _, g_plain = prompt_kv_run(plain, rows, coef, [(0, 17)], impl="fused")  # one pass, the prompt still cached
+    ckpt = tiny()
+    ckpt.gradient_checkpointing_enable()
+    ckpt.train()
+    _, g_ckpt = prompt_kv_run(ckpt, rows, coef, [(0, 7), (7, 12), (12, 17)], impl="fused")
+    for name in g_plain:
+        assert rel_err(g_ckpt[name], g_plain[name]) <= 1e-6, name
+
+
+def test_prompt_kv_misuse_is_refused():
+    from grao.packed_attention import PromptKV
+    kv = PromptKV(4, passes=1)
+    with pytest.raises(RuntimeError, match="no keys were recorded"):
+        kv.start_pass()
+    with pytest.raises(ValueError, match="cached=3"):
+        pack_rows([([1, 2, 3], [4]), ([5, 6, 7], [4])], cached=3)

@@ -82,6 +82,10 @@ def test_plan_micro_batches_by_tokens():
     assert plan_micro_batches(cfg, long_prompt, 9, splittable=True) == [(0, 9)]
     long_completions = [([3] * 2000, [4] * 1001)] * 9  # 9 x 1000 inputs: ranges of <= 2000 (the prompt), 2 rows
     assert plan_micro_batches(cfg, long_completions, 9, splittable=True) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
+    # the prompt forwarded once for a split group's passes (PromptKV): ranges held to the budget itself
+    assert plan_micro_batches(cfg, long_prompt, 9, splittable=True, prompt_kv=True) == [(0, 5), (5, 9)]
+    assert plan_micro_batches(cfg, long_completions, 9, splittable=True, prompt_kv=True) == [(r, r + 1)
+                                                                                          for r in range(9)]
     cfg.prefix_sharing, cfg.micro_batch_tokens = False, 4096  # padded rows repeat the prompt: one row per pass
     assert plan_micro_batches(cfg, long_prompt, 9, splittable=True) == [(r, r + 1) for r in range(9)]
 
@@ -94,14 +98,25 @@ def test_planned_passes_match_the_passes_made():
                        ("sft", {"micro_batch_tokens": 5})):
         t = tiny_trainer(method=method, **kw)
         ro = fixed_rollout(t)
-        planned = planned_passes(t.config, ro, t.tokenizer)
+        planned = planned_passes(t.config, ro, t.tokenizer, prompt_kv=t.forward.can_share_prompt_kv)
         made: list[bool] = []
-        hook = t.model.model.register_forward_hook(lambda *_, made=made: made.append(torch.is_grad_enabled()))
+        prompt_forwards: list[bool] = []
+
+        def hook(_module, _args, kwargs, _out, made=made, prompt_forwards=prompt_forwards):
+            kv = getattr(kwargs.get("grao_packing"), "prompt_kv", None)
+            if kv is not None and kv.recording:  # a split group's prompt, forwarded once: not a pass of its own
+                prompt_forwards.append(True)
+            else:
+                made.append(torch.is_grad_enabled())
+
+        handle = t.model.model.register_forward_hook(hook, with_kwargs=True)
         try:
             t.accumulate_gradients(ro)
         finally:
-            hook.remove()
+            handle.remove()
         assert planned > 1 and sum(made) == planned, (method, kw, planned, made)
+        if method == "grao" and "micro_batch_tokens" in kw:  # groups split by the budget share their prompt's K/V
+            assert prompt_forwards, "a split group's passes did not share one prompt forward"
 
 
 def test_unsupported_model_refused_with_the_flag_named():

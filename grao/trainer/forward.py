@@ -19,9 +19,9 @@ import warnings
 
 import torch
 
-from grao.packed_attention import enable_prefix_sharing, packed_forward_kwargs
+from grao.packed_attention import PromptKV, enable_prefix_sharing, packed_forward_kwargs
 from grao.packing import PackedRows, pack_rows, unpack_token_values
-from grao.reference import linear_grao_loss, linear_logits, token_logprobs
+from grao.reference import linear_grao_loss, linear_logits, linear_logprob_dot, token_logprobs
 from grao.trainer.model import lm_parts, maybe_autocast
 
 IGNORE_INDEX = -100
@@ -50,15 +50,16 @@ def resolve_loss_impl(loss_impl: str) -> str:
 
 
 class LossBackend:
-    """The two per-chunk primitives every method needs, fused (no [.., V] logits) or eager."""
+    """The per-chunk primitives every method needs, fused (no [.., V] logits) or eager."""
 
     def __init__(self, impl: str):
         self.impl = impl
         if impl == "fused":
             mod = _fused_module()
             self._grao, self._logprob = mod.fused_linear_grao_loss, mod.linear_logprob
+            self._dot = mod.fused_linear_logprob_dot
         else:
-            self._grao, self._logprob = linear_grao_loss, None
+            self._grao, self._logprob, self._dot = linear_grao_loss, None, linear_logprob_dot
 
     def grao(self, hidden, weight, labels, rewards, *, bias, temperature, beta, lam, eps, reference_in_stats,
              cu_seqlens=None):
@@ -66,6 +67,11 @@ class LossBackend:
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         return self._grao(hidden, weight, labels, rewards, beta=beta, lam=lam, eps=eps, bias=bias,
                           temperature=temperature, reference_in_stats=reference_in_stats, **packed)
+
+    def logprob_dot(self, hidden, weight, labels, coef, *, bias, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum(coef * logp), logp detached) for per-token coefficients known before the forward; fused, the
+        input gradients come from the same pass (6·N·D·V, where log-probs then a backward cost 8·N·D·V)."""
+        return self._dot(hidden, weight, labels, coef, bias=bias, temperature=temperature)
 
     def logprob(self, hidden, weight, labels, *, bias, temperature) -> torch.Tensor:
         """Per-token log-probs shaped like labels ([B, T] or token-packed [N]; fp32), 0 at ignored positions."""
@@ -150,14 +156,38 @@ class PolicyForward:
         hidden, weight, bias = self._run(model or self.model, ids, mask)
         return hidden, weight, bias, labels
 
-    def packed_hidden_states(self, rows: list[tuple[list[int], list[int]]], model=None
+    @property
+    def can_share_prompt_kv(self) -> bool:
+        """Whether a group split into passes can forward its prompt once (:meth:`prompt_kv`): prefix sharing
+        on, and not FSDP (its hooks gather parameters around each root forward and backward)."""
+        return self.prefix_sharing and not self.fsdp
+
+    def prompt_kv(self, prompt: list[int], passes: int) -> PromptKV:
+        """Forward the policy on ``prompt`` without its last token, with gradient, keeping every layer's keys
+        and values for the ``passes`` passes over its completions that follow (``prompt_kv=`` of
+        :meth:`logprob_dot`; each one's backward through ``PromptKV.backward``). Not a counted pass: its
+        backward is the last completion pass's."""
+        kv = PromptKV(len(prompt) - 1, passes)
+        packed = pack_rows([(list(prompt[:-1]), [])]).to(self.device)
+        packed.segments.prompt_kv = kv
+        kwargs = packed_forward_kwargs(packed.segments, self.device)
+        with maybe_autocast(self.device, self.autocast_dtype):
+            self.backbone(input_ids=packed.input_ids, attention_mask=kwargs.pop("attention_mask"), use_cache=False,
+                          position_ids=packed.position_ids, **kwargs)
+        return kv
+
+    def packed_hidden_states(self, rows: list[tuple[list[int], list[int]]], model=None, prompt_kv=None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, PackedRows]:
         """(hidden [M, D], weight [V, D], bias or None, labels [M], packed) for the M completion tokens of
         ``rows``, padding-free: consecutive rows with the same prompt forward it once; hidden[m] is the state
-        that predicts labels[m]; ``packed.cu_seqlens`` [R + 1] delimits the rows."""
+        that predicts labels[m]; ``packed.cu_seqlens`` [R + 1] delimits the rows. With ``prompt_kv`` (rows of
+        one prompt, :meth:`prompt_kv`) only the prompt's last token is forwarded again."""
         model = model or self.model
         enable_prefix_sharing(model)  # idempotent: a no-op for the policy, set up in __init__
-        packed = pack_rows(rows).to(self.device)
+        packed = pack_rows(rows, cached=prompt_kv.length if prompt_kv is not None else 0).to(self.device)
+        if prompt_kv is not None:
+            prompt_kv.start_pass()
+            packed.segments.prompt_kv = prompt_kv
         kwargs = packed_forward_kwargs(packed.segments, self.device)
         hidden, weight, bias = self._run(model, packed.input_ids, kwargs.pop("attention_mask"),
                                          position_ids=packed.position_ids, **kwargs)
@@ -194,6 +224,23 @@ class PolicyForward:
             return self.backend.grao(hidden, weight, labels, rewards, bias=bias, cu_seqlens=packed.cu_seqlens, **kw)
         hidden, weight, bias, labels = self.hidden_states(rows)
         return self.backend.grao(hidden, weight, labels, rewards, bias=bias, **kw)
+
+    def logprob_dot(self, rows, row_coef: torch.Tensor, model=None, prompt_kv=None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(value, per-token log-probs [N, L] detached, completion mask [N, L]) of rows, where ``value`` =
+        sum over each row's completion tokens of ``row_coef[row] * logp``: a loss linear in the log-probs
+        with coefficients known before the forward (GRAO on part of a group, SFT), back-propagated from the
+        gradients of the same pass (``LossBackend.logprob_dot``). ``prompt_kv``: see :meth:`prompt_kv`."""
+        kw = {"temperature": self.loss_temperature}
+        if self.prefix_sharing:
+            hidden, weight, bias, labels, packed = self.packed_hidden_states(rows, model, prompt_kv)
+            coef = row_coef.to(self.device).index_select(0, packed.row_index)
+            value, logp = self.backend.logprob_dot(hidden, weight, labels, coef, bias=bias, **kw)
+            return (value, *unpack_token_values(logp, packed))
+        hidden, weight, bias, labels = self.hidden_states(rows, model)
+        coef = row_coef.to(self.device)[:, None].expand(labels.shape)
+        value, logp = self.backend.logprob_dot(hidden, weight, labels, coef, bias=bias, **kw)
+        return value, logp, labels != IGNORE_INDEX
 
     def token_logp(self, rows, model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token log-probs [N, L] fp32, completion mask [N, L] bool) of rows; only the masked entries

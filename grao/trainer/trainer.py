@@ -270,7 +270,7 @@ class Trainer:
         if self.world_size == 1:
             return self.accumulate_gradients(kept), int(n_kept)
         share = local_norm / norm
-        planned = planned_passes(self.config, kept, self.tokenizer)
+        planned = planned_passes(self.config, kept, self.tokenizer, prompt_kv=self.forward.can_share_prompt_kv)
         planned = dist.all_reduce_max(planned, self.device) if self.fsdp else max(1, planned)
         with self.forward.update(planned):
             local = self.accumulate_gradients(kept, share * self.world_size) if kept.prompt_ids else {}

@@ -20,8 +20,9 @@ G + 1 rewards (``grao.group_advantages``). Two schemes, per range:
   batch loss is the mean over prompts of per-prompt terms;
 * part of a group (or rows across groups): the loss is linear in the per-token log-probs with
   coefficients known before the forward (``grao.grao_row_grad``, the spec's dLoss/dlogp), so each chunk
-  back-propagates ``sum(coef * logp)`` on ``linear_logprob`` outputs, whose value and gradient equal
-  those of the full loss.
+  back-propagates ``sum(coef * logp)`` (``grao_kernels.fused_linear_logprob_dot``: the input gradients
+  come out of the log-prob pass, no recompute of the logits), whose value and gradient equal those of
+  the full loss. SFT's token mean is linear in the log-probs too (coefficient ``-1 / tokens``).
 
 With ``prefix_sharing`` every pass forwards each prompt once for all its rows in the range
 (``grao.packing``); the arithmetic above is unchanged.
@@ -35,10 +36,11 @@ from __future__ import annotations
 
 import torch
 
-from grao.baselines import dpo_loss, grpo_advantages, grpo_loss, sft_loss
+from grao.baselines import dpo_loss, grpo_advantages, grpo_loss
 from grao.packing import forwarded_tokens
 from grao.reference import (
     COMPONENTS,
+    GRAOInputError,
     grao_objective,
     grao_row_grad,
     group_advantages,
@@ -72,13 +74,16 @@ def pass_tokens(rows: Rows, shared: bool) -> int:
     return len(rows) * max((len(p) + len(c) for p, c in rows), default=0)
 
 
-def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable: bool) -> list[tuple[int, int]]:
+def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable: bool,
+                       prompt_kv: bool = False) -> list[tuple[int, int]]:
     """Contiguous [start, stop) row ranges, one forward/backward pass each (see the module docstring).
 
     ``unit``: rows per group (kept together when they fit); ``splittable``: the loss stays exact when a
-    group is cut (GRAO, GRPO, SFT rows; not a DPO pair). Under a token budget the passes are balanced:
-    the plan is the greedy one under the smallest budget that needs no more passes than ``micro_batch_tokens``
-    does (no small leftover pass; the largest pass, which sets the peak memory, is as small as it can be)."""
+    group is cut (GRAO, GRPO, SFT rows; not a DPO pair); ``prompt_kv``: a split group forwards its prompt
+    once (:func:`prompt_kv_passes`), so its ranges are held to the budget whatever the prompt's length.
+    Under a token budget the passes are balanced: the plan is the greedy one under the smallest budget that
+    needs no more passes than ``micro_batch_tokens`` does (no small leftover pass; the largest pass, which
+    sets the peak memory, is as small as it can be)."""
     n, mb, budget = len(rows), int(config.micro_batch_rows), int(config.micro_batch_tokens)
     if n == 0:
         return []
@@ -87,16 +92,33 @@ def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable
     if budget <= 0:
         return [(0, n)]
     shared = bool(config.prefix_sharing)
-    plan = _greedy_plan(rows, unit, splittable, budget, shared)
+    cached = shared and prompt_kv
+
+    def greedy(limit: int) -> list[tuple[int, int]]:
+        return _greedy_plan(rows, unit, splittable, limit, shared, cached)
+
+    plan = greedy(budget)
     lo, hi = 1, budget
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(_greedy_plan(rows, unit, splittable, mid, shared)) <= len(plan):
+        if len(greedy(mid)) <= len(plan):
             hi = mid
         else:
             lo = mid + 1
-    balanced = _greedy_plan(rows, unit, splittable, lo, shared)
+    balanced = greedy(lo)
     return balanced if len(balanced) == len(plan) else plan
+
+
+def prompt_kv_passes(plan: list[tuple[int, int]], rows: Rows, unit: int) -> dict[int, int]:
+    """{group: passes} for the groups whose rows ``plan`` splits into two or more ranges lying inside the
+    group (a token-budget plan always does): such a group forwards its prompt once and serves its keys and
+    values to those passes (``PolicyForward.prompt_kv``). Prompts of one token have nothing to share."""
+    inside: dict[int, int] = {}
+    for start, stop in plan:
+        group = start // unit
+        if (stop - 1) // unit == group and not (start % unit == 0 and stop - start == unit):
+            inside[group] = inside.get(group, 0) + 1
+    return {g: k for g, k in inside.items() if k > 1 and len(rows[g * unit][0]) > 1}
 
 
 def _split_tokens(rows: Rows, shared: bool) -> int:
@@ -106,12 +128,14 @@ def _split_tokens(rows: Rows, shared: bool) -> int:
     return pass_tokens(rows, shared) - (len(rows[0][0]) if shared and rows else 0)
 
 
-def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: bool) -> list[tuple[int, int]]:
+def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: bool,
+                 cached: bool = False) -> list[tuple[int, int]]:
     """Whole groups while the pass fits ``budget`` tokens; a group whose completions alone are over it is
-    split into row ranges (see :func:`_split_tokens`) of up to ``max(budget, prompt length)`` completion
-    tokens when packed: every range forwards the prompt again, so ranges shorter than the prompt would
-    multiply its forwards without lowering the peak much (measured at a 4096-token prompt, G = 8, 128-token
-    completions, budget 1024: two passes instead of one, 63% slower, the same peak)."""
+    split into row ranges (see :func:`_split_tokens`) of up to ``budget`` completion tokens when its prompt
+    is forwarded once for them (``cached``), else of up to ``max(budget, prompt length)`` when packed:
+    then every range forwards the prompt again, so ranges shorter than the prompt would multiply its
+    forwards without lowering the peak much (measured at a 4096-token prompt, G = 8, 128-token completions,
+    budget 1024: two passes instead of one, 63% slower, the same peak)."""
     n = len(rows)
     out, start = [], 0
     for u0 in range(0, n, unit):
@@ -119,7 +143,7 @@ def _greedy_plan(rows: Rows, unit: int, splittable: bool, budget: int, shared: b
         if start < u0 and pass_tokens(rows[start:u1], shared) > budget:
             out.append((start, u0))
             start = u0
-        limit = max(budget, len(rows[u0][0])) if shared else budget
+        limit = max(budget, len(rows[u0][0])) if shared and not cached else budget
         if splittable and _split_tokens(rows[u0:u1], shared) > limit:  # the group alone is over: split it
             if start < u0:
                 out.append((start, u0))
@@ -146,12 +170,14 @@ def method_rows(config: TrainConfig, ro: Rollout, tokenizer=None) -> tuple[Rows,
     return dpo_rows(config, ro, tokenizer), 2, False
 
 
-def planned_passes(config: TrainConfig, ro: Rollout, tokenizer=None) -> int:
-    """Forward/backward passes of the policy that :func:`accumulate_gradients` makes on ``ro``."""
+def planned_passes(config: TrainConfig, ro: Rollout, tokenizer=None, *, prompt_kv: bool = False) -> int:
+    """Forward/backward passes of the policy that :func:`accumulate_gradients` makes on ``ro``
+    (``prompt_kv``: ``PolicyForward.can_share_prompt_kv``, which GRAO's update uses)."""
     if not ro.prompt_ids:
         return 0
     rows, unit, splittable = method_rows(config, ro, tokenizer)
-    return len(plan_micro_batches(config, rows, unit, splittable=splittable))
+    return len(plan_micro_batches(config, rows, unit, splittable=splittable,
+                                  prompt_kv=prompt_kv and config.method == "grao"))
 
 
 def loss_normaliser(config: TrainConfig, ro: Rollout) -> float:
@@ -186,7 +212,10 @@ def grao_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
     counts = torch.tensor([len(c) for _, c in rows], device=forward.device)
     coef = None
     seq_parts = []
-    for start, stop in plan_micro_batches(cfg, rows, width, splittable=True):
+    plan = plan_micro_batches(cfg, rows, width, splittable=True, prompt_kv=forward.can_share_prompt_kv)
+    shared = prompt_kv_passes(plan, rows, width) if forward.can_share_prompt_kv else {}
+    prompt_kv = None
+    for start, stop in plan:
         if start % width == 0 and stop % width == 0:
             # whole prompts: the GRAO loss on the chunk, scaled by its share of prompts
             g0, g1 = start // width, stop // width
@@ -195,12 +224,20 @@ def grao_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
             (loss * ((g1 - g0) / P * grad_scale)).backward()
             seq_parts.append(stats["seq_logp"].detach())  # fp32 (fp64 for a float64 model): no rounding here
         else:
-            # part of a group: surrogate sum(coef * logp) with the spec's closed-form dLoss/dlogp
+            # part of a group: surrogate sum(coef * logp) with the spec's closed-form dLoss/dlogp, whose
+            # input gradients come out of the log-prob pass itself (no recompute of the logits)
             if coef is None:
-                coef = grao_row_grad(adv, counts, beta=cfg.beta, lam=cfg.lam).float()
-            logp, mask = forward.token_logp(rows[start:stop])
-            ((coef[start:stop, None] * logp).sum() * grad_scale).backward()
-            seq_parts.append(sequence_logprob(logp.detach(), mask))
+                coef = grao_row_grad(adv, counts, beta=cfg.beta, lam=cfg.lam).flatten()
+            group = start // width
+            if group in shared and (prompt_kv is None or prompt_kv.last):  # the group's first pass
+                prompt_kv = forward.prompt_kv(rows[start][0], shared[group])
+            kv = prompt_kv if group in shared else None
+            value, logp, mask = forward.logprob_dot(rows[start:stop], coef[start:stop], prompt_kv=kv)
+            if kv is not None:
+                kv.backward(value * grad_scale)
+            else:
+                (value * grad_scale).backward()
+            seq_parts.append(sequence_logprob(logp, mask))
     seq = torch.cat(seq_parts)
     loss, parts = grao_objective(seq, adv.to(seq.dtype), beta=cfg.beta, lam=cfg.lam)
     out = {"loss": float(loss)}
@@ -240,13 +277,15 @@ def grpo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
 def sft_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scale: float) -> dict[str, float]:
     rows = list(zip(ro.prompt_ids, ro.reference_ids))
     n_tokens = sum(len(c) for _, c in rows)
+    if n_tokens == 0:
+        raise GRAOInputError("sft: the step's reference answers have no token; the SFT loss is undefined")
     total = 0.0
     for start, stop in plan_micro_batches(cfg, rows, 1, splittable=True):
-        logp, mask = forward.token_logp(rows[start:stop])
-        share = int(mask.sum()) / n_tokens
-        loss = sft_loss(logp, mask) * share
-        (loss * grad_scale).backward()
-        total += float(loss.detach())
+        # the batch's sft_loss, -sum(logp) / n_tokens, is linear in the log-probs: coefficient -1 / n_tokens
+        coef = torch.full((stop - start,), -1.0 / n_tokens, device=forward.device)
+        value, _, _ = forward.logprob_dot(rows[start:stop], coef)
+        (value * grad_scale).backward()
+        total += float(value.detach())
     return {"loss": total}
 
 

@@ -9,8 +9,8 @@
 // fused_linear_cross_entropy; recomputing logits per tile instead of storing them is ml-cross-entropy's
 // "Cut Your Losses"; this is our own code):
 //   for each tile of TM active tokens (TM chosen by the caller so that one fp32 [TM x V] buffer stays small):
-//     Z   = h_tile @ W^T                    one GEMM, fp32 output (bf16 inputs: MKL's bf16 x bf16 -> fp32 GEMM,
-//                                           AMX / AVX512_BF16 where present)
+//     Z   = h_tile @ W^T                    one GEMM, fp32 output (bf16 inputs: bf16 x bf16 -> fp32, through
+//                                           oneDNN's brgemm ukernel on AMX CPUs, else MKL's bf16 GEMM)
 //     per row, threads over rows:           bias, 1/temperature, row max, exp-sum (log-sum-exp), the log-prob,
 //                                           then in place dz = g * (onehot - softmax) while the row
 //                                           (V floats, 125 KiB at V = 32000) is still in L2; bf16 inputs: dz
@@ -21,8 +21,9 @@
 //     dW     += dz^T @ h_tile               fp32: GEMM with beta = 1 into dW itself (the BLAS splits it over
 //                                           threads by output block: no atomics, no per-thread copies).
 //                                           bf16: threads over ~1 MiB vocabulary blocks of dW, each a GEMM into
-//                                           the thread's fp32 block buffer (beta = 0), its corrections, then a
-//                                           compensated add into dW = bf16 hi (the output) + int8 lo (acc_hilo)
+//                                           the thread's fp32 block buffer (beta = 0; brgemm: 128 rows at a
+//                                           time), its corrections, then a compensated add into dW = bf16 hi (the
+//                                           output) + int8 lo (acc_hilo)
 //     db     += column sums of dz           threads over vocabulary blocks
 // All workspaces (Z, h_tile, dh_tile, the corrections, one dW block per thread; the int8 residual of bf16 dW) are
 // allocated once per call, sized by the tile, the cache or W, never by N. Each tile's FLOPs are those of the
@@ -497,7 +498,212 @@ GRAO_AVX512 void acc_hilo_avx512(uint16_t* hi, int8_t* lo, const float* c, const
 }
 #endif
 
-// isa: bit 0 forces the scalar row kernel, bit 1 the ATen GEMMs for bf16 (tests of the fallbacks).
+// ---- bf16 GEMMs through oneDNN's brgemm ukernel (AMX) ----
+// libtorch_cpu exports at::native::cpublas::brgemm, the oneDNN batch-reduce GEMM micro-kernel that PyTorch's CPU
+// flash attention calls once per (query block, key block) (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp,
+// which also pairs it with cpublas::pack and ends each thread's work with brgemm_release). Semantics, as declared
+// in ATen/native/CPUBlas.h and implemented in ATen/native/CPUBlas.cpp: C[M, N] = A[M, K] B[K, N] (+ C if add_C),
+// A bf16 row-major with leading dimension ld_a, C fp32 row-major (ld_c), fp32 accumulation of exact bf16 products;
+// with is_vnni, B bf16 in the VNNI layout that cpublas::pack writes: pairs of consecutive K rows interleaved,
+// element (k, n) at (k / 2) * 2 ld_b + 2 n + k % 2, ld_b one of 16, 32, 48, 64 (we use 64). Each thread JIT-compiles
+// and caches one kernel per (M, N, K, ld_a, ld_b, ld_c, add_C) and holds the AMX tile state until brgemm_release.
+// All three bf16 products of a tile run through it, B packed by this file as they need it (no packed copy of W is
+// kept: 31 MiB at V = 32000, D = 512; the int8 residual of dW already takes half that).
+// Against MKL's cblas_gemm_bf16bf16f32, on a 2-core Sapphire Rapids VM, one thread, N = 4096, D = 512, V = 32000,
+// 256-row tiles, the same process alternating: Z = h W^T 250-280 ms per call instead of 475-500 (torch.mm's
+// [4096 x 512] x [512 x 32000] bf16 floor: 190-220 ms), dh = dz W 210-240 instead of 230-250, the dW blocks
+// 330-370 instead of 470-490 (of which the hi / lo update: ~175 either way).
+//
+// It is an internal ATen API: looked up by its (Itanium-mangled) name at run time, so a torch that lacks it or
+// declares it differently still builds and loads this file and takes the MKL / ATen GEMMs; used only where
+// cpublas::could_pack(bf16) holds (oneDNN enabled and AMX, the condition under which torch itself packs for it)
+// and a one-time self-test on small integers confirms the B layout assumed here.
+struct BrgemmApi {
+  using gemm_t = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const c10::BFloat16*,
+                          const c10::BFloat16*, float*, bool);
+  gemm_t gemm = nullptr;
+  void (*release)(bool) = nullptr;
+  bool (*could_pack)(c10::ScalarType) = nullptr;
+};
+constexpr int64_t kLdb = 64;       // B's leading dimension (its column block) in every brgemm call
+constexpr int64_t kBrgRows = 128;  // rows of A per call (tile rows for Z, vocabulary rows for dW)
+
+// K of dh = dz W's calls (vocabulary rows): a chunk of W of ~640 KiB (640 rows at D = 512), packed by one thread.
+inline int64_t dh_chunk(int64_t dim) { return std::max<int64_t>(32, std::min<int64_t>(8192, 327680 / dim) / 32 * 32); }
+
+const BrgemmApi& brgemm_api() {
+  static const BrgemmApi api = [] {
+    BrgemmApi a;
+    a.gemm = reinterpret_cast<BrgemmApi::gemm_t>(
+        dlsym(RTLD_DEFAULT, "_ZN2at6native7cpublas6brgemmEllllllbPKN3c108BFloat16ES5_Pfb"));
+    a.release = reinterpret_cast<void (*)(bool)>(dlsym(RTLD_DEFAULT, "_ZN2at6native7cpublas14brgemm_releaseEb"));
+    a.could_pack = reinterpret_cast<bool (*)(c10::ScalarType)>(
+        dlsym(RTLD_DEFAULT, "_ZN2at6native7cpublas10could_packEN3c1010ScalarTypeE"));
+    if (!a.gemm || !a.release || !a.could_pack) a = BrgemmApi{};
+    return a;
+  }();
+  return api;
+}
+
+// C[3, 40] = A[3, 34] B[34, 40] on small integers (exact in any summation order), B in the VNNI layout with
+// ld_b = 64, once per process: the layout and the call convention are what this file assumes.
+bool brgemm_selftest(const BrgemmApi& api) {
+  constexpr int64_t M = 3, N = 40, K = 34;
+  std::vector<c10::BFloat16> a(M * K), b(K / 2 * 2 * kLdb, c10::BFloat16(0.f));
+  std::vector<float> c(M * N, -1.f);
+  for (int64_t i = 0; i < M * K; ++i) a[i] = c10::BFloat16(static_cast<float>(i % 7) - 3.f);
+  auto bval = [](int64_t k, int64_t n) { return static_cast<float>((k * 5 + n * 3) % 11) - 5.f; };
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) b[(k / 2) * 2 * kLdb + 2 * n + k % 2] = c10::BFloat16(bval(k, n));
+  try {
+    api.gemm(M, N, K, K, kLdb, N, false, a.data(), b.data(), c.data(), true);
+    api.release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t n = 0; n < N; ++n) {
+      float ref = 0.f;
+      for (int64_t k = 0; k < K; ++k) ref += static_cast<float>(a[i * K + k]) * bval(k, n);
+      if (c[i * N + n] != ref) return false;
+    }
+  }
+  return true;
+}
+
+// Whether the bf16 GEMMs of this call go through brgemm (isa bits 1 and 2 turn it off for tests). Checked per call:
+// could_pack reads torch.backends.mkldnn's flag, which a user may change.
+bool brgemm_ready() {
+  const BrgemmApi& api = brgemm_api();
+  if (!api.gemm || !cpu_has_avx512() || !api.could_pack(at::kBFloat16)) return false;
+  static const bool ok = brgemm_selftest(api);
+  return ok;
+}
+
+inline uint32_t bf16_pair(const uint16_t* p) {
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 16;
+}
+
+#if GRAO_X86
+// In-register transpose of a 16 x 16 block of 32-bit elements (r[i] = row i in, column i out): the usual
+// unpack-32, unpack-64, then two 128-bit-lane shuffle stages.
+GRAO_AVX512 inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+    r[4 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xdd);
+  }
+}
+
+// B of Z = h W^T for the vocabulary rows [v0, v0 + nb), nb <= 64: W^T's [D, nb] block in the VNNI layout, i.e. the
+// 32-bit transpose of the rows read as D / 2 bf16 pairs: out[p * 64 + j] = (W[v0 + j, 2p], W[v0 + j, 2p + 1]); zero
+// for j >= nb. D even. Packed per block by the thread that uses it, for all the tile's rows: one pass over W per
+// tile (~3.5 ms of the ~16 ms of a 256-row tile's Z above) instead of a packed copy of W.
+GRAO_AVX512 void pack_wt_block(const uint16_t* w, int64_t dim, int64_t nb, uint32_t* out) {
+  const int64_t np = dim / 2, full = np / 16 * 16;
+  for (int64_t j0 = 0; j0 < kLdb; j0 += 16) {
+    if (j0 + 16 <= nb) {
+      for (int64_t p0 = 0; p0 < full; p0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(w + (j0 + i) * dim + 2 * p0);
+        transpose16x16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (p0 + i) * kLdb + j0, r[i]);
+      }
+    }
+    const int64_t p_from = j0 + 16 <= nb ? full : 0;
+    for (int64_t p = p_from; p < np; ++p) {
+      for (int64_t j = j0; j < j0 + 16; ++j) out[p * kLdb + j] = j < nb ? bf16_pair(w + j * dim + 2 * p) : 0u;
+    }
+  }
+}
+
+// A of the dW block: its rows [k0, k0 + kb) of dz^T, dzt[k * kp + i] = dz[i, k0 + k], i < cnt; zero for
+// cnt <= i < kp (kp: cnt rounded up to 32). Pairs of dz rows are zipped into 32-bit elements and 16 x 16 blocks of
+// those transposed, which is the 16-bit transpose.
+GRAO_AVX512 void pack_dzt(const uint16_t* dz, int64_t ld, int64_t cnt, int64_t k0, int64_t kb, int64_t kp,
+                          uint16_t* dzt) {
+  const int64_t kfull = kb / 16 * 16;
+  for (int64_t i0 = 0; i0 < kp; i0 += 32) {
+    const bool rows_full = i0 + 32 <= cnt;
+    if (rows_full) {
+      for (int64_t k = 0; k < kfull; k += 16) {
+        __m512i r[16];
+        for (int q = 0; q < 16; ++q) {
+          const uint16_t* s = dz + (i0 + 2 * q) * ld + k0 + k;
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+          const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + ld)));
+          r[q] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+        }
+        transpose16x16(r);
+        for (int q = 0; q < 16; ++q) _mm512_storeu_si512(dzt + (k + q) * kp + i0, r[q]);
+      }
+    }
+    for (int64_t k = rows_full ? kfull : 0; k < kb; ++k) {
+      for (int64_t i = i0; i < i0 + 32; ++i) dzt[k * kp + i] = i < cnt ? dz[i * ld + k0 + k] : uint16_t{0};
+    }
+  }
+}
+#endif
+
+#if GRAO_X86
+// B of dh = dz W for the vocabulary rows [0, kk) of w (kk even): W's [kk, D] block in the VNNI layout, per column
+// block of 64 (out + db * kk / 2 * 64): element (p, j) = (W[2p, 64 db + j], W[2p + 1, 64 db + j]), zero beyond D.
+GRAO_AVX512 void pack_w_pairs(const uint16_t* w, int64_t dim, int64_t kk, uint32_t* out) {
+  for (int64_t d0 = 0; d0 < dim; d0 += kLdb) {
+    uint32_t* o = out + d0 / kLdb * (kk / 2) * kLdb;
+    const int64_t nd = std::min(kLdb, dim - d0), full = nd / 16 * 16;
+    for (int64_t p = 0; p < kk / 2; ++p) {
+      const uint16_t* r0 = w + 2 * p * dim + d0;
+      const uint16_t* r1 = r0 + dim;
+      for (int64_t j = 0; j < full; j += 16) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + j)));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + j)));
+        _mm512_storeu_si512(o + p * kLdb + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+      for (int64_t j = full; j < kLdb; ++j) {
+        o[p * kLdb + j] = j < nd ? (static_cast<uint32_t>(r0[j]) | static_cast<uint32_t>(r1[j]) << 16) : 0u;
+      }
+    }
+  }
+}
+#endif
+
+// B of the dW blocks: h_tile [cnt, D] in the VNNI layout, per column block of 64 (out + db * kp / 2 * 64):
+// element (p, j) = (h[2p, 64 db + j], h[2p + 1, 64 db + j]); zero beyond cnt rows or D columns. Once per tile.
+void pack_h_pairs(const uint16_t* h, int64_t cnt, int64_t dim, int64_t kp, uint32_t* out) {
+  for (int64_t d0 = 0; d0 < dim; d0 += kLdb) {
+    uint32_t* o = out + d0 / kLdb * (kp / 2) * kLdb;
+    for (int64_t p = 0; p < kp / 2; ++p) {
+      for (int64_t j = 0; j < kLdb; ++j) {
+        const int64_t d = d0 + j;
+        const uint32_t a = 2 * p < cnt && d < dim ? h[2 * p * dim + d] : 0u;
+        const uint32_t b = 2 * p + 1 < cnt && d < dim ? h[(2 * p + 1) * dim + d] : 0u;
+        o[p * kLdb + j] = a | b << 16;
+      }
+    }
+  }
+}
+
+// isa: bit 0 forces the scalar row kernel, bit 1 the ATen GEMMs for bf16, bit 2 MKL's bf16 GEMM instead of brgemm
+// (tests of the fallbacks).
 template <typename T>
 std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
@@ -558,6 +764,17 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   const float* b32 = has_bias ? bias32.data_ptr<float>() : nullptr;
   const bool vec = !(isa & 1) && cpu_has_avx512();
   const bool direct = !(isa & 2) && mkl_bf16_gemm() != nullptr;
+  // bf16 GEMMs through brgemm (AMX; even D, the VNNI pairs run along D in Z = h W^T); per-thread packing buffers for
+  // a block of W (Z: 64 rows, dh: dh_chunk rows), fp32 partials of dh_tile, and rows of dz^T (dW)
+  const bool brg = GRAO_X86 && bf16 && dim % 2 == 0 && !(isa & 6) && brgemm_ready();
+  const BrgemmApi& bapi = brgemm_api();
+  const int64_t ndb = (dim + kLdb - 1) / kLdb, kc = dh_chunk(dim);
+  const int64_t kp_max = (tm + 31) / 32 * 32;  // the dW GEMMs' K: the tile's rows rounded up to 32 (zero rows)
+  const int64_t wstride = std::max(dim / 2, kc / 2 * ndb) * kLdb;
+  at::Tensor w_pack = brg ? at::empty({nthreads, wstride}, at::kInt) : at::Tensor();
+  at::Tensor dh_part = brg && grads && need_h ? at::empty({nthreads, tm, dim}, f32) : at::Tensor();
+  at::Tensor h_pack = brg && want_w ? at::empty({ndb, kp_max / 2 * kLdb}, at::kInt) : at::Tensor();
+  at::Tensor dzt_buf = brg && want_w ? at::empty({nthreads, kBrgRows, kp_max}, at::kBFloat16) : at::Tensor();
   int32_t* ck = corr ? corr_k.data_ptr<int32_t>() : nullptr;
   float* cv = corr ? corr_v.data_ptr<float>() : nullptr;
   int32_t* cn = corr ? corr_n.data_ptr<int32_t>() : nullptr;
@@ -570,7 +787,31 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
     at::index_select_out(h_tile, hidden, 0, idx);
     at::Tensor z_tile = z_buf.narrow(0, 0, cnt);
     float* z = z_tile.data_ptr<float>();
-    gemm_rm(false, true, cnt, vocab, dim, h_tile, weight, 0.f, z_tile, direct);  // Z [cnt, V] = h W^T
+    if (brg) {
+#if GRAO_X86
+      // Z [cnt, V] = h W^T: threads over blocks of 64 vocabulary rows, each packed (pack_wt_block) then used by all
+      // the tile's rows, kBrgRows at a time
+      const uint16_t* hp16 = reinterpret_cast<const uint16_t*>(h_tile.data_ptr<T>());
+      const uint16_t* wp16 = reinterpret_cast<const uint16_t*>(weight.data_ptr<T>());
+      const c10::BFloat16* ha = reinterpret_cast<const c10::BFloat16*>(hp16);
+      uint32_t* wt_base = reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>());
+      at::parallel_for(0, (vocab + kLdb - 1) / kLdb, 1, [&](int64_t b0, int64_t b1) {
+        uint32_t* buf = wt_base + static_cast<int64_t>(at::get_thread_num()) * wstride;
+        const c10::BFloat16* bb = reinterpret_cast<const c10::BFloat16*>(buf);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t v0 = blk * kLdb, nb = std::min(kLdb, vocab - v0);
+          pack_wt_block(wp16 + v0 * dim, dim, nb, buf);
+          for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
+            bapi.gemm(std::min(kBrgRows, cnt - m0), nb, dim, dim, kLdb, vocab, false, ha + m0 * dim, bb,
+                      z + m0 * vocab + v0, true);
+          }
+        }
+        bapi.release(true);
+      });
+#endif
+    } else {
+      gemm_rm(false, true, cnt, vocab, dim, h_tile, weight, 0.f, z_tile, direct);  // Z [cnt, V] = h W^T
+    }
     at::BFloat16* dz16 = !(grads && bf16) ? nullptr
                          : dz16_buf.defined() ? dz16_buf.data_ptr<at::BFloat16>()
                                               : reinterpret_cast<at::BFloat16*>(z);
@@ -606,7 +847,54 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
     const float* ws = wsum.defined() ? wsum.data_ptr<float>() : nullptr;
     if (need_h) {
       at::Tensor dh_tile = dh_buf.narrow(0, 0, cnt);
-      gemm_rm(false, false, cnt, dim, vocab, dz, weight, 0.f, dh_tile, direct);  // dh_tile [cnt, D] = dz W
+      if (brg) {
+#if GRAO_X86
+        // dh_tile [cnt, D] = dz W: threads over chunks of kc vocabulary rows, each zipping its chunk of W into
+        // pairs (pack_w_pairs) and adding dz[:, chunk] W[chunk] into its own fp32 partial (zeroed first: a thread
+        // may get no chunk); the partials are summed. An odd V's last row is a rank-1 update (K must be even).
+        float* parts = dh_part.data_ptr<float>();
+        std::fill(parts, parts + nthreads * cnt * dim, 0.f);
+        const uint16_t* wp16 = reinterpret_cast<const uint16_t*>(weight.data_ptr<T>());
+        const c10::BFloat16* da = reinterpret_cast<const c10::BFloat16*>(dz16);
+        uint32_t* wt_base = reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>());
+        const int64_t veven = vocab / 2 * 2, nchunk = (veven + kc - 1) / kc;
+        at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+          const int tid = at::get_thread_num();
+          uint32_t* buf = wt_base + tid * wstride;
+          float* part = parts + tid * cnt * dim;
+          for (int64_t ch = c0; ch < c1; ++ch) {
+            const int64_t k0 = ch * kc, kk = std::min(kc, veven - k0);
+            pack_w_pairs(wp16 + k0 * dim, dim, kk, buf);
+            const c10::BFloat16* wb = reinterpret_cast<const c10::BFloat16*>(buf);
+            for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
+              for (int64_t d0 = 0; d0 < dim; d0 += kLdb) {
+                bapi.gemm(std::min(kBrgRows, cnt - m0), std::min(kLdb, dim - d0), kk, ld16, kLdb, dim, true,
+                          da + m0 * ld16 + k0, wb + d0 / kLdb * kk * kLdb, part + m0 * dim + d0, true);
+              }
+            }
+          }
+          bapi.release(true);
+        });
+        float* dhp0 = dh_tile.data_ptr<float>();
+        at::parallel_for(0, cnt, 16, [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            float* dst = dhp0 + i * dim;
+            for (int64_t d = 0; d < dim; ++d) {
+              float acc = 0.f;
+              for (int t = 0; t < nthreads; ++t) acc += parts[(t * cnt + i) * dim + d];
+              dst[d] = acc;
+            }
+            if (veven < vocab) {
+              const float r = static_cast<float>(dz16[i * ld16 + veven]);
+              const T* wl = weight.data_ptr<T>() + veven * dim;
+              for (int64_t d = 0; d < dim; ++d) dst[d] += r * static_cast<float>(wl[d]);
+            }
+          }
+        });
+#endif
+      } else {
+        gemm_rm(false, false, cnt, dim, vocab, dz, weight, 0.f, dh_tile, direct);  // dh_tile [cnt, D] = dz W
+      }
       float* dhp = dh_tile.data_ptr<float>();
       const T* wp = weight.data_ptr<T>();
       T* out = dh.data_ptr<T>();
@@ -646,16 +934,21 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         }
         u = us;
       }
+      // brgemm: A = rows of dz^T (pack_dzt, kBrgRows at a time), B = h_tile in pairs (once per tile), K = kp
+      const int64_t kp = (cnt + 31) / 32 * 32;
+      if (brg) {
+        pack_h_pairs(reinterpret_cast<const uint16_t*>(hp), cnt, dim, kp,
+                     reinterpret_cast<uint32_t*>(h_pack.data_ptr<int32_t>()));
+      }
       at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-        float* c = cbase + static_cast<int64_t>(at::get_thread_num()) * vb * dim;
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t k0 = blk * vb, kb = std::min(vb, vocab - k0);
-          at::Tensor cb = at::from_blob(c, {kb, dim}, f32);
-          gemm_rm(true, false, kb, dim, cnt, dz.narrow(1, k0, kb), h_tile, 0.f, cb, direct);  // dz^T h, block
+        const int tid = at::get_thread_num();
+        float* c = cbase + static_cast<int64_t>(tid) * vb * dim;
+        // rows [r0, r0 + nr) of dW, their fp32 GEMM result in c: the corrections, then the hi / lo update
+        const auto finish = [&](int64_t r0, int64_t nr) {
           for (int64_t i = 0; i < cnt; ++i) {
             for (int32_t q = 0; q < cn[i]; ++q) {
-              const int64_t k = ck[i * kCorrCap + q] - k0;
-              if (k < 0 || k >= kb) continue;
+              const int64_t k = ck[i * kCorrCap + q] - r0;
+              if (k < 0 || k >= nr) continue;
               const float r = cv[i * kCorrCap + q];
               float* cr = c + k * dim;
               const T* hr = hp + i * dim;
@@ -664,12 +957,36 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
           }
 #if GRAO_X86
           if (vec) {
-            acc_hilo_avx512(hip + k0 * dim, lop + k0 * dim, c, u, kb, dim);
-            continue;
+            acc_hilo_avx512(hip + r0 * dim, lop + r0 * dim, c, u, nr, dim);
+            return;
           }
 #endif
-          acc_hilo_scalar(hip + k0 * dim, lop + k0 * dim, c, u, kb, dim);
+          acc_hilo_scalar(hip + r0 * dim, lop + r0 * dim, c, u, nr, dim);
+        };
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t k0 = blk * vb, kb = std::min(vb, vocab - k0);
+          if (brg) {
+#if GRAO_X86
+            // kBrgRows vocabulary rows at a time, each finished while its GEMM result is in cache
+            uint16_t* dzt = reinterpret_cast<uint16_t*>(dzt_buf.data_ptr<at::BFloat16>()) + tid * kBrgRows * kp_max;
+            const c10::BFloat16* hb = reinterpret_cast<const c10::BFloat16*>(h_pack.data_ptr<int32_t>());
+            for (int64_t m0 = 0; m0 < kb; m0 += kBrgRows) {
+              const int64_t r0 = k0 + m0, mb = std::min(kBrgRows, kb - m0);
+              pack_dzt(reinterpret_cast<const uint16_t*>(dz16), ld16, cnt, r0, mb, kp, dzt);
+              for (int64_t d0 = 0; d0 < dim; d0 += kLdb) {
+                bapi.gemm(mb, std::min(kLdb, dim - d0), kp, kp, kLdb, dim, false,
+                          reinterpret_cast<const c10::BFloat16*>(dzt), hb + d0 / kLdb * kp * kLdb, c + d0, true);
+              }
+              finish(r0, mb);
+            }
+#endif
+          } else {
+            at::Tensor cb = at::from_blob(c, {kb, dim}, f32);
+            gemm_rm(true, false, kb, dim, cnt, dz.narrow(1, k0, kb), h_tile, 0.f, cb, direct);  // dz^T h, block
+            finish(k0, kb);
+          }
         }
+        if (brg) bapi.release(true);
       });
     }
     if (need_b && has_bias) {
@@ -723,4 +1040,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_logp [N] fp32|None, temperature, want_entropy, need_h, need_w, need_b, tile_rows, isa) -> "
         "[logp [N], lse [2,N], entropy [N]|[0], dhidden [N,D]|[0], dweight [V,D]|[0], dbias [V]|[0]]");
   m.def("has_avx512", &cpu_has_avx512, "whether the AVX-512 row kernel runs on this CPU");
+  m.def("has_brgemm", &brgemm_ready, "whether bf16 calls use oneDNN's brgemm (AMX) for Z = h W^T and dW");
 }

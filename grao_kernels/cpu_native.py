@@ -15,8 +15,8 @@ one warning line says why and the chunked path runs instead.
 
 Build flags: ``-O3`` and OpenMP only, no ``-march``: the AVX-512 row kernel is compiled through a function
 target attribute and chosen at run time, so a build made on one x86-64 machine runs on any other
-(a CPU without AVX-512 runs the scalar kernel); the GEMMs are ATen's (MKL / oneDNN, which dispatch by CPU
-themselves, AMX / AVX512_BF16 for bf16 where present).
+(a CPU without AVX-512 runs the scalar kernel); the fp32 GEMMs are ATen's (MKL), the bf16 ones oneDNN's brgemm
+ukernel on AMX CPUs (found in libtorch at run time), else MKL's bf16 GEMM, else ATen's: each dispatches by CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ CPU_PATH_ENV = "GRAO_KERNELS_CPU"
 CPU_PATHS = ("auto", "native", "chunked")
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "grao_cpu.cpp"
 #: Extension name; bump the suffix when the C++ interface changes (the cache is keyed by name and source).
-EXTENSION_NAME = "grao_kernels_cpu_v1"
+EXTENSION_NAME = "grao_kernels_cpu_v2"
 #: fp32 logits workspace per tile ([tile rows x V]), allocated once per call and independent of N. Each tile's
 #: GEMMs re-read (and the BLAS re-packs) the whole [V, D] weight and read-modify-write dW (fp32, or bf16 plus
 #: its int8 residual: csrc/grao_cpu.cpp, acc_hilo), so that
@@ -139,7 +139,9 @@ def native_pass(hidden, weight, labels, bias, *, temperature, ignore_index, retu
     """The native counterpart of ``_chunked.chunked_linear_logprob`` (same arguments and ``ChunkedResult``).
 
     Only tokens whose label is not ``ignore_index`` are visited; with ``backward_only`` also only those with
-    a non-zero incoming gradient. ``isa=1`` forces the scalar row kernel (tests of the non-AVX-512 build).
+    a non-zero incoming gradient. ``isa`` (tests of the fallbacks) is a bit set: 1 forces the scalar row kernel
+    (CPUs without AVX-512), 2 ATen's GEMMs for bf16 (torch without MKL's bf16 GEMM), 4 MKL's bf16 GEMM instead of
+    oneDNN's brgemm (CPUs without AMX).
     """
     from grao_kernels._chunked import ChunkedResult
 

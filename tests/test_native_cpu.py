@@ -3,8 +3,8 @@
 Every check compares with a float64 reference computed on the same (dtype-rounded) inputs: the native result
 may be no further from it than the eager path in the same dtype, plus a small tolerance (tests/numerics.py).
 fp32 and bf16; odd sizes (V not a multiple of the 16-lane vector), several ragged tiles, ignored tokens,
-empty rows, temperature, bias, tied weights, non-contiguous inputs; the scalar row kernel and the ATen GEMM
-fallback too; hypothesis fuzzing against the chunked PyTorch path. The kernel must build here: CI builds it.
+empty rows, temperature, bias, tied weights, non-contiguous inputs; the scalar row kernel and the ATen and MKL GEMM
+fallbacks too, and the shapes the brgemm (AMX) path pads; hypothesis fuzzing against the chunked PyTorch path. The kernel must build here: CI builds it.
 """
 
 from __future__ import annotations
@@ -157,11 +157,17 @@ def test_tied_weights_and_noncontiguous_inputs():
         check_all(got, eager, ref, dtype, ["loss", "dtable"])
 
 
-@pytest.mark.parametrize("isa", [1, 2, 3], ids=["scalar_rows", "aten_gemms", "both"])
+@pytest.mark.parametrize("isa", [1, 2, 3, 4], ids=["scalar_rows", "aten_gemms", "both", "mkl_gemms"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_fallback_kernels_against_float64(dtype, isa):
-    """The scalar row kernel (CPUs without AVX-512) and the ATen GEMMs (torch without MKL's bf16 GEMM)."""
-    hidden, weight, bias, labels = problem(n=45, d=21, v=515, seed=7)
+    """The scalar row kernel (CPUs without AVX-512), the ATen GEMMs (torch without MKL's bf16 GEMM) and MKL's bf16
+    GEMM (CPUs without AMX, where oneDNN's brgemm does not run), at an odd and an even D."""
+    for d in (21, 22):
+        check_fallback(dtype, isa, d)
+
+
+def check_fallback(dtype, isa, d):
+    hidden, weight, bias, labels = problem(n=45, d=d, v=515, seed=7)
     grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
     h, w, b = (t.to(dtype) for t in (hidden, weight, bias))
     out = cpu_native.native_pass(h, w, labels, b, temperature=0.9, ignore_index=IGN, return_entropy=True,
@@ -176,6 +182,61 @@ def test_fallback_kernels_against_float64(dtype, isa):
     active = labels != IGN
     got[1], eager[1], ref[1] = (e * active for e in (got[1], eager[1], ref[1]))  # entropy only where visited
     check_all(got, eager, ref, dtype, ["logp", "entropy", "dhidden", "dweight", "dbias"])
+
+
+def brgemm_expected() -> bool:
+    """Where the bf16 GEMMs must go through oneDNN's brgemm: an AMX CPU, oneDNN enabled, and a torch whose
+    at::native::cpublas::brgemm the kernel was written against (2.13; other versions may take MKL's bf16 GEMM)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            amx = "amx_bf16" in fh.read()
+    except OSError:
+        amx = False
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return amx and torch.backends.mkldnn.is_available() and version >= (2, 13)
+
+
+def test_brgemm_is_used_where_the_cpu_has_amx():
+    module = cpu_native.load_native()
+    if brgemm_expected():
+        assert module.has_brgemm()
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # oneDNN off: MKL's bf16 GEMM (or ATen's) instead, checked per call
+    try:
+        assert not module.has_brgemm()
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    assert module.has_brgemm() == brgemm_expected() or not brgemm_expected()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["dz_in_place", "dz_separate"])
+@pytest.mark.parametrize("shape", [(45, 40, 515, 16), (77, 130, 1000, 1), (70, 2, 67, 32)],
+                         ids=["d40_v515", "d130_v1000_one_row_tiles", "d2_v67"])
+def test_brgemm_gemms_against_float64(shape, bias):
+    """bf16 with an even D: the three GEMMs through brgemm where the CPU has AMX (test above), with the shapes its
+    packing pads: V and D not multiples of the 64-column blocks, an odd V (dh's last row), D / 2 not a multiple of
+    16, tiles with an odd number of rows (the dW GEMM's K padded to 32); with a bias the bf16 dz has its own buffer
+    (leading dimension V), without one it sits in the fp32 logits' rows (2V). Against float64, no worse than the
+    chunked path, and as close to float64 as the same pass on MKL's bf16 GEMM (isa=4)."""
+    n, d, v, rows = shape
+    hidden, weight, b, labels = problem(n=n, d=d, v=v, seed=11, bias=bias)
+    grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(5))
+    h, w = hidden.to(BF16), weight.to(BF16)
+    b = None if b is None else b.to(BF16)
+    kw = {"temperature": 0.9, "ignore_index": IGN, "return_entropy": True, "grad_logp": grad}
+    names = ["logp", "entropy", "grad_hidden", "grad_weight"] + (["grad_bias"] if bias else [])
+    got, mkl = (cpu_native.native_pass(h, w, labels, b, tile_bytes=rows * 4 * v, isa=isa, **kw) for isa in (0, 4))
+    chk = chunked_linear_logprob(h, w, labels, b, **kw)
+    ref = chunked_linear_logprob(h.double(), w.double(), labels, None if b is None else b.double(),
+                                 **{**kw, "grad_logp": grad.double()})
+    active = labels != IGN
+    atol, rtol = TOL[BF16]
+    for name in names:
+        g, m, c, r = (getattr(x, name) for x in (got, mkl, chk, ref))
+        if name == "entropy":
+            g, m, c, r = (e * active for e in (g, m, c, r))
+        assert_no_worse_than_eager(g, c, r, atol=atol, rtol=rtol, what=name)
+        assert_no_worse_than_eager(g, m, r, atol=atol, rtol=rtol, what=f"{name} (brgemm vs MKL)")
 
 
 def test_bf16_weight_grad_over_many_tiles_is_rounded_once():
@@ -247,7 +308,7 @@ def test_environment_variable_forces_either_path(monkeypatch):
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch):
     def broken():
-        raise RuntimeError("Error building extension 'grao_kernels_cpu_v1'\nc++: not found")
+        raise RuntimeError("Error building extension 'grao_kernels_cpu_v2'\nc++: not found")
 
     monkeypatch.setattr(cpu_native, "_build", broken)
     monkeypatch.setattr(cpu_native, "_state", {})

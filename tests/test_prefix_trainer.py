@@ -39,6 +39,18 @@ def test_grao_shared_equals_padded_float64(impl, micro):
         assert abs(s_sh[k] - s_pad[k]) <= 1e-10
 
 
+def test_grao_rows_inside_and_across_groups_float64():
+    """micro_batch_rows 3 with groups of 8 rows: two ranges inside the first group (they share its prompt's
+    keys and values) and one across the first and second (it forwards both prompts itself)."""
+    ro = fixed_rollout(tiny_trainer(prefix_sharing=False, G=7), G=7)
+    g_pad, s_pad = grads_of(tiny_trainer(impl="fused", G=7, dtype=torch.float64, prefix_sharing=False,
+                                         micro_batch_tokens=0), ro)
+    g_sh, s_sh = grads_of(tiny_trainer(impl="fused", G=7, dtype=torch.float64, micro=3), ro)
+    assert abs(s_sh["loss"] - s_pad["loss"]) <= 1e-10 * max(1.0, abs(s_pad["loss"]))
+    for name in g_pad:
+        assert rel(g_sh[name], g_pad[name]) <= 1e-6, f"{name}: {rel(g_sh[name], g_pad[name]):.2e}"
+
+
 @pytest.mark.parametrize("method", ["grpo", "sft", "dpo"])
 def test_baselines_shared_equal_padded_float64(method):
     compare(method, shared_kw={"micro_batch_tokens": 10})
@@ -155,4 +167,4 @@ def test_cli_prefix_sharing_flag(tmp_path, flag, expected):
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["prefix_sharing"] is expected and config["micro_batch_tokens"] == 4096
+    assert config["prefix_sharing"] is expected and config["micro_batch_tokens"] == 1024

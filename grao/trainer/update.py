@@ -229,9 +229,11 @@ def grao_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
             if coef is None:
                 coef = grao_row_grad(adv, counts, beta=cfg.beta, lam=cfg.lam).flatten()
             group = start // width
-            if group in shared and (prompt_kv is None or prompt_kv.last):  # the group's first pass
-                prompt_kv = forward.prompt_kv(rows[start][0], shared[group])
-            kv = prompt_kv if group in shared else None
+            kv = None
+            if group in shared and (stop - 1) // width == group:  # a range inside a group that shares its prompt
+                if prompt_kv is None or prompt_kv.last:  # the group's first such range
+                    prompt_kv = forward.prompt_kv(rows[start][0], shared[group])
+                kv = prompt_kv
             value, logp, mask = forward.logprob_dot(rows[start:stop], coef[start:stop], prompt_kv=kv)
             if kv is not None:
                 kv.backward(value * grad_scale)

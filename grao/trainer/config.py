@@ -75,7 +75,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
     micro_batch_rows: int = 0  # rows per forward/backward (overrides micro_batch_tokens); 0 = sized by micro_batch_tokens
-    micro_batch_tokens: int = 4096  # token positions per forward/backward (whole groups when they fit); 0 = the whole step at once
+    micro_batch_tokens: int = 1024  # token positions per forward/backward (whole groups when they fit); 0 = the whole step at once
     prefix_sharing: bool = True  # forward each prompt once for its G samples and reference (grao.packing); off: padded rows
     max_consecutive_skips: int = 10  # stop when this many steps in a row made no update (non-finite / all dropped); 0: never
     gradient_checkpointing: bool = False
@@ -328,8 +328,8 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "micro_batch_rows": _int("rows per forward/backward pass, overriding --micro-batch-tokens (0: sized by "
                                  "--micro-batch-tokens; exact either way)", 0),
         "micro_batch_tokens": _int("token positions per forward/backward pass: whole groups while they fit, a "
-                                   "larger group split into row ranges (0: the whole step at once; exact either "
-                                   "way)", 0),
+                                   "larger group split into row ranges that share one forward of its prompt "
+                                   "(0: the whole step at once; exact either way)", 0),
         "prefix_sharing": Option("forward each prompt once for its G samples and reference answer, packed and "
                                  "padding-free (Llama, Mistral, Qwen2/3 families); --no-prefix-sharing pads "
                                  "every row", "bool"),

@@ -18,7 +18,8 @@ wall time.
 
 Sweeps (completion length 128 unless said): prompt length at G = 8; G at prompt length 1024; and with
 the trainer's default settings (token-budget micro-batches) G at 512-token completions, where peak memory
-should stay flat. The layout comparison runs the whole step in one forward/backward
+should stay flat, and the 4096-token prompt at G = 8 (its group split into passes that share one forward
+of the prompt). The layout comparison runs the whole step in one forward/backward
 (``micro_batch_tokens=0``), so it measures the layout, not micro-batching. A point whose layout already
 went over ``--budget-mib`` at a shorter prompt is not run (recorded as ``over_budget``).
 
@@ -107,6 +108,8 @@ def points(args) -> list[tuple[str, int, int, int, bool]]:
     out += [("G", args.g_prompt_len, 128, G, False) for G in args.groups if G != 8 or args.g_prompt_len not in
             args.prompt_lens]
     out += [("defaults", args.flat_prompt_len, 512, G, True) for G in args.flat_groups]
+    # the headline point with the default budget: the group is split, its prompt forwarded once (PromptKV)
+    out += [("defaults, long prompt", lp, 128, 8, True) for lp in args.prompt_lens if lp == 4096]
     # the same, the whole step in one pass: what the token budget bounds
     out += [("one pass", args.flat_prompt_len, 512, G, False) for G in (min(args.flat_groups), max(args.flat_groups))]
     return out
@@ -151,6 +154,11 @@ def summarise(rows: list[dict], budget_mib: float) -> dict:
     flat = [r["peak_mib"] for r in rows if r["sweep"] == "defaults" and r.get("peak_mib") is not None]
     if flat:
         targets["defaults_Lc512_peak_max_over_min"] = round(max(flat) / min(flat), 3)
+    long = find("defaults, long prompt", "shared", prompt_len=4096)
+    if long and sh and long.get("step_s") is not None and sh.get("step_s") is not None:
+        targets["defaults_Lp4096_Lc128_G8"] = {"step_s": long["step_s"], "peak_mib": long["peak_mib"],
+                                               "step_vs_one_pass": round(long["step_s"] / sh["step_s"], 2),
+                                               "peak_vs_one_pass": round(long["peak_mib"] / sh["peak_mib"], 2)}
     whole = [r["peak_mib"] for r in rows if r["sweep"] == "one pass" and r.get("peak_mib") is not None]
     if len(whole) == 2:
         targets["one_pass_Lc512_peak_max_over_min"] = round(max(whole) / min(whole), 3)

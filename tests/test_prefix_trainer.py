@@ -127,7 +127,7 @@ def test_planned_passes_match_the_passes_made():
         finally:
             handle.remove()
         assert planned > 1 and sum(made) == planned, (method, kw, planned, made)
-        if method == "grao" and "micro_batch_tokens" in kw:  # groups split by the budget share their prompt's K/V
+        if method in ("grao", "grpo") and "micro_batch_tokens" in kw:  # split groups share their prompt's K/V
             assert prompt_forwards, "a split group's passes did not share one prompt forward"
 
 

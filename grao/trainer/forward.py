@@ -242,11 +242,12 @@ class PolicyForward:
         value, logp = self.backend.logprob_dot(hidden, weight, labels, coef, bias=bias, **kw)
         return value, logp, labels != IGNORE_INDEX
 
-    def token_logp(self, rows, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_logp(self, rows, model=None, prompt_kv=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token log-probs [N, L] fp32, completion mask [N, L] bool) of rows; only the masked entries
-        mean anything (with prefix sharing L is the longest completion, without it the longest row)."""
+        mean anything (with prefix sharing L is the longest completion, without it the longest row).
+        ``prompt_kv``: see :meth:`prompt_kv`."""
         if self.prefix_sharing:
-            hidden, weight, bias, labels, packed = self.packed_hidden_states(rows, model)
+            hidden, weight, bias, labels, packed = self.packed_hidden_states(rows, model, prompt_kv)
             logp = self.backend.logprob(hidden, weight, labels, bias=bias, temperature=self.loss_temperature)
             return unpack_token_values(logp, packed)
         hidden, weight, bias, labels = self.hidden_states(rows, model)

@@ -7,11 +7,14 @@ of the step's normaliser, times the world size that DDP / FSDP average over).
 
 Micro-batches (:func:`plan_micro_batches`) are contiguous row ranges: ``micro_batch_rows`` rows when it is
 set, else whole groups packed while the tokens one pass forwards fit ``micro_batch_tokens`` (a group whose
-completions alone are over the budget is split into row ranges, each forwarding its prompt again; the
-prompt is not counted then, and a range may hold as many completion tokens as the prompt has when that is
-more than the budget, so a long prompt costs one forward per range, not per row, and at most one per
-prompt-length of completions), else the whole step.
-So memory stays flat as G and lengths grow without the user sizing anything.
+completions alone are over the budget is split into row ranges of up to the budget's completion tokens),
+else the whole step. So memory stays flat as G and lengths grow without the user sizing anything.
+
+A split group forwards its prompt once for all its ranges (:class:`PromptSharing`, GRAO and GRPO with
+prefix sharing): the prompt's keys and values are kept and served to each range's pass, whose backward
+sends their gradients back (``grao.packed_attention.PromptKV``). Where that is not available (FSDP, or
+prefix sharing off) every range forwards the prompt again; packed, a range may then hold as many
+completion tokens as the prompt has, so a long prompt costs one forward per prompt-length of completions.
 
 GRAO micro-batching is exact because the advantages are constants computed once per group from all
 G + 1 rewards (``grao.group_advantages``). Two schemes, per range:
@@ -51,6 +54,9 @@ from grao.trainer.forward import PolicyForward
 from grao.trainer.rollout import Rollout
 
 Rows = list[tuple[list[int], list[int]]]
+#: Methods whose split groups forward their prompt once (PromptSharing); SFT has one row per prompt and a DPO
+#: pair is never split.
+PROMPT_KV_METHODS = ("grao", "grpo")
 
 
 def chunk_ranges(total: int, size: int) -> list[tuple[int, int]]:
@@ -107,6 +113,33 @@ def plan_micro_batches(config: TrainConfig, rows: Rows, unit: int, *, splittable
             lo = mid + 1
     balanced = greedy(lo)
     return balanced if len(balanced) == len(plan) else plan
+
+
+class PromptSharing:
+    """Per row range of a plan, the ``PromptKV`` its pass reads (None: the pass forwards its own prompts).
+
+    Ranges inside a group that :func:`prompt_kv_passes` shares get one prompt forward per group, made
+    when the group's first such range comes; :meth:`backward` back-propagates a pass's loss through it."""
+
+    def __init__(self, forward: PolicyForward, plan: list[tuple[int, int]], rows: Rows, unit: int):
+        self.forward, self.rows, self.unit = forward, rows, unit
+        self.passes = prompt_kv_passes(plan, rows, unit) if forward.can_share_prompt_kv else {}
+        self.group, self.kv = None, None
+
+    def for_range(self, start: int, stop: int):
+        group = start // self.unit
+        if group not in self.passes or (stop - 1) // self.unit != group:
+            return None
+        if self.group != group:
+            self.group, self.kv = group, self.forward.prompt_kv(self.rows[start][0], self.passes[group])
+        return self.kv
+
+    @staticmethod
+    def backward(kv, loss: torch.Tensor) -> None:
+        if kv is not None:
+            kv.backward(loss)
+        else:
+            loss.backward()
 
 
 def prompt_kv_passes(plan: list[tuple[int, int]], rows: Rows, unit: int) -> dict[int, int]:
@@ -172,12 +205,12 @@ def method_rows(config: TrainConfig, ro: Rollout, tokenizer=None) -> tuple[Rows,
 
 def planned_passes(config: TrainConfig, ro: Rollout, tokenizer=None, *, prompt_kv: bool = False) -> int:
     """Forward/backward passes of the policy that :func:`accumulate_gradients` makes on ``ro``
-    (``prompt_kv``: ``PolicyForward.can_share_prompt_kv``, which GRAO's update uses)."""
+    (``prompt_kv``: ``PolicyForward.can_share_prompt_kv``, which the updates of PROMPT_KV_METHODS use)."""
     if not ro.prompt_ids:
         return 0
     rows, unit, splittable = method_rows(config, ro, tokenizer)
     return len(plan_micro_batches(config, rows, unit, splittable=splittable,
-                                  prompt_kv=prompt_kv and config.method == "grao"))
+                                  prompt_kv=prompt_kv and config.method in PROMPT_KV_METHODS))
 
 
 def loss_normaliser(config: TrainConfig, ro: Rollout) -> float:
@@ -213,8 +246,7 @@ def grao_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
     coef = None
     seq_parts = []
     plan = plan_micro_batches(cfg, rows, width, splittable=True, prompt_kv=forward.can_share_prompt_kv)
-    shared = prompt_kv_passes(plan, rows, width) if forward.can_share_prompt_kv else {}
-    prompt_kv = None
+    sharing = PromptSharing(forward, plan, rows, width)
     for start, stop in plan:
         if start % width == 0 and stop % width == 0:
             # whole prompts: the GRAO loss on the chunk, scaled by its share of prompts
@@ -228,17 +260,9 @@ def grao_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
             # input gradients come out of the log-prob pass itself (no recompute of the logits)
             if coef is None:
                 coef = grao_row_grad(adv, counts, beta=cfg.beta, lam=cfg.lam).flatten()
-            group = start // width
-            kv = None
-            if group in shared and (stop - 1) // width == group:  # a range inside a group that shares its prompt
-                if prompt_kv is None or prompt_kv.last:  # the group's first such range
-                    prompt_kv = forward.prompt_kv(rows[start][0], shared[group])
-                kv = prompt_kv
+            kv = sharing.for_range(start, stop)
             value, logp, mask = forward.logprob_dot(rows[start:stop], coef[start:stop], prompt_kv=kv)
-            if kv is not None:
-                kv.backward(value * grad_scale)
-            else:
-                (value * grad_scale).backward()
+            sharing.backward(kv, value * grad_scale)
             seq_parts.append(sequence_logprob(logp, mask))
     seq = torch.cat(seq_parts)
     loss, parts = grao_objective(seq, adv.to(seq.dtype), beta=cfg.beta, lam=cfg.lam)
@@ -258,18 +282,21 @@ def grpo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, grad_scal
     n_rows = len(rows)
     n_tokens = sum(len(c) for _, c in rows)
     total, stats_acc = 0.0, {}
-    for start, stop in plan_micro_batches(cfg, rows, unit, splittable=True):
+    plan = plan_micro_batches(cfg, rows, unit, splittable=True, prompt_kv=forward.can_share_prompt_kv)
+    sharing = PromptSharing(forward, plan, rows, unit)
+    for start, stop in plan:
         chunk = rows[start:stop]
         ref_logp = None
         if cfg.grpo_kl_beta > 0:
             with torch.no_grad():
                 ref_logp = forward.token_logp(chunk, model=ref_model)[0]
-        logp, mask = forward.token_logp(chunk)
+        kv = sharing.for_range(start, stop)
+        logp, mask = forward.token_logp(chunk, prompt_kv=kv)
         loss, stats = grpo_loss(logp, mask, adv[start:stop], ref_token_logp=ref_logp, kl_beta=cfg.grpo_kl_beta,
                                 epsilon_low=cfg.grpo_epsilon, epsilon_high=cfg.grpo_epsilon,
                                 loss_type=cfg.grpo_loss_type, max_completion_length=cfg.max_new_tokens)
         share = (int(mask.sum()) / n_tokens) if cfg.grpo_loss_type == "dapo" else (stop - start) / n_rows
-        (loss * (share * grad_scale)).backward()
+        sharing.backward(kv, loss * (share * grad_scale))
         total += float(loss.detach()) * share
         for k, v in stats.items():
             stats_acc[k] = stats_acc.get(k, 0.0) + float(v) * (stop - start) / n_rows

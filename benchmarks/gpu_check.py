@@ -167,7 +167,8 @@ def summary(report: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "gpu"))
+    ap.add_argument("--out", default=None, help="results folder (default: $OUT, else benchmarks/results/gpu; "
+                                                "--cpu-smoke: runs/gpu_check_smoke, never the committed results)")
     ap.add_argument("--time-limit", type=float, default=450.0, help="seconds after which no new stage starts")
     ap.add_argument("--tests-timeout", type=float, default=180.0)
     ap.add_argument("--skip-tests", action="store_true")
@@ -180,6 +181,9 @@ def main(argv=None) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if args.cpu_smoke:
         args.skip_tests = True
+    if args.out is None:
+        args.out = (os.path.join(ROOT, "runs", "gpu_check_smoke") if args.cpu_smoke
+                    else os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "gpu"))
     os.makedirs(args.out, exist_ok=True)
     log: list[str] = []
     report: dict = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -365,6 +365,76 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
 }
 #endif
 
+// Forward only (no gradients): the softmax statistics of a row folded in one block of its logits at a time, an
+// online softmax (M. Milakov, N. Gimelshein, "Online normalizer calculation for softmax", 2018): the running max m,
+// s = sum exp(z - m) and, for the entropy, t = sum exp(z - m) (z - m), rescaled when a block raises the max. z is
+// the block's raw logits, scaled in place by (z + bias) / T when `scale`.
+struct RowStats {
+  float m, s, t;
+};
+
+inline void stats_rescale(RowStats& st, float bm) {
+  if (!(bm > st.m)) return;  // also keeps m when bm is NaN: its exp(z - m) below are NaN and carry it into s
+  if (st.m == -std::numeric_limits<float>::infinity()) {
+    st.s = st.t = 0.f;
+  } else {
+    const float f = std::exp(st.m - bm);
+    st.t = f * (st.t + (st.m - bm) * st.s);
+    st.s *= f;
+  }
+  st.m = bm;
+}
+
+void fold_scalar(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy, RowStats& st) {
+  float bm = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < n; ++k) {
+    if (scale) z[k] = (z[k] + (bias ? bias[k] : 0.f)) * inv_t;
+    bm = std::max(bm, z[k]);
+  }
+  stats_rescale(st, bm);
+  float s = 0.f, t = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float d = z[k] - st.m;
+    const float e = std::exp(d);
+    s += e;
+    if (entropy) t += e * d;
+  }
+  st.s += s;
+  st.t += t;
+}
+
+#if GRAO_X86
+GRAO_AVX512 void fold_avx512(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy,
+                             RowStats& st) {
+  const int64_t full = n / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  const __m512 vt = _mm512_set1_ps(inv_t);
+  __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
+    __m512 v = _mm512_maskz_loadu_ps(mk, z + k);
+    if (scale) {
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + k));
+      v = _mm512_mul_ps(v, vt);
+      _mm512_mask_storeu_ps(z + k, mk, v);
+    }
+    vm = _mm512_mask_max_ps(vm, mk, vm, v);
+  }
+  stats_rescale(st, _mm512_reduce_max_ps(vm));
+  const __m512 vmax = _mm512_set1_ps(st.m);
+  __m512 vs = _mm512_setzero_ps(), vt2 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, z + k), vmax);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_avx512(d));
+    vs = _mm512_add_ps(vs, e);
+    if (entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
+  }
+  st.s += _mm512_reduce_add_ps(vs);
+  if (entropy) st.t += _mm512_reduce_add_ps(vt2);
+}
+#endif
+
 bool cpu_has_avx512() {
 #if GRAO_X86 && (defined(__GNUC__) || defined(__clang__))
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -702,8 +772,8 @@ void pack_h_pairs(const uint16_t* h, int64_t cnt, int64_t dim, int64_t kp, uint3
   }
 }
 
-// isa: bit 0 forces the scalar row kernel, bit 1 the ATen GEMMs for bf16, bit 2 MKL's bf16 GEMM instead of brgemm
-// (tests of the fallbacks).
+// isa: bit 0 forces the scalar row kernel, bit 1 the ATen GEMMs for bf16, bit 2 MKL's bf16 GEMM instead of brgemm,
+// bit 3 the forward through a [tile x V] logits buffer as with gradients (tests of the fallbacks, comparisons).
 template <typename T>
 std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
@@ -736,7 +806,8 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   // Workspaces, once per call, sized by the tile (tile_rows x V) or by the cache (the dW blocks), never by N.
   // The bf16 dz of row i is written over the start of its own fp32 row of z_buf (leading dimension 2V), unless
   // the bias gradient needs the fp32 dz kept, which takes a separate buffer.
-  at::Tensor z_buf = mapped_empty({tm, vocab}, at::kFloat);
+  const bool blocked_fwd = !grads && !(isa & 8);  // forward only: online softmax over vocabulary blocks (below)
+  at::Tensor z_buf = !blocked_fwd ? mapped_empty({tm, vocab}, at::kFloat) : at::Tensor();
   at::Tensor dz16_buf = grads && bf16 && keep32 ? mapped_empty({tm, vocab}, at::kBFloat16) : at::Tensor();
   const int64_t ld16 = dz16_buf.defined() ? vocab : 2 * vocab;
   at::Tensor h_buf = at::empty({tm, dim}, hidden.options());
@@ -775,6 +846,14 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   at::Tensor dh_part = brg && grads && need_h ? at::empty({nthreads, tm, dim}, f32) : at::Tensor();
   at::Tensor h_pack = brg && want_w ? at::empty({ndb, kp_max / 2 * kLdb}, at::kInt) : at::Tensor();
   at::Tensor dzt_buf = brg && want_w ? at::empty({nthreads, kBrgRows, kp_max}, at::kBFloat16) : at::Tensor();
+  // Forward only: no [tile x V] logits. Threads over blocks of fcols vocabulary columns, each block's logits for the
+  // tile's rows computed into the thread's cache-sized buffer (~512 KiB) and folded into the rows' running softmax
+  // statistics (fold_*), merged across threads per tile. The logits never leave the cache (the two-pass rows read
+  // a [tile x V] buffer back from memory: fp32 forward 1.21x its matmul floor, measured; the fold saves that pass).
+  const int64_t fcols = std::min(vocab, std::max<int64_t>(64, (int64_t{1} << 17) / tm / 64 * 64));
+  at::Tensor zf_buf = blocked_fwd ? at::empty({nthreads, tm * fcols}, f32) : at::Tensor();
+  at::Tensor st_buf = blocked_fwd ? at::empty({nthreads, tm, 3}, f32) : at::Tensor();  // RowStats per thread, row
+  at::Tensor picked_buf = blocked_fwd ? at::empty({tm}, f32) : at::Tensor();            // the label's scaled logit
   int32_t* ck = corr ? corr_k.data_ptr<int32_t>() : nullptr;
   float* cv = corr ? corr_v.data_ptr<float>() : nullptr;
   int32_t* cn = corr ? corr_n.data_ptr<int32_t>() : nullptr;
@@ -785,6 +864,75 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
     at::Tensor idx = rows.narrow(0, start, cnt);
     at::Tensor h_tile = h_buf.narrow(0, 0, cnt);
     at::index_select_out(h_tile, hidden, 0, idx);
+    if (blocked_fwd) {
+      static_assert(sizeof(RowStats) == 3 * sizeof(float), "RowStats is three floats");
+      RowStats* stb = reinterpret_cast<RowStats*>(st_buf.data_ptr<float>());
+      float* picked = picked_buf.data_ptr<float>();
+      float* zf_base = zf_buf.data_ptr<float>();
+      std::fill(stb, stb + nthreads * tm, RowStats{-std::numeric_limits<float>::infinity(), 0.f, 0.f});
+      const c10::BFloat16* ha = bf16 ? reinterpret_cast<const c10::BFloat16*>(h_tile.data_ptr<T>()) : nullptr;
+      const uint16_t* wp16 = bf16 ? reinterpret_cast<const uint16_t*>(weight.data_ptr<T>()) : nullptr;
+      uint32_t* wt_base = brg ? reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>()) : nullptr;
+      const at::Tensor wd = weight.detach();  // ATen GEMMs on the worker threads, where grad mode is not inherited
+      at::parallel_for(0, (vocab + fcols - 1) / fcols, 1, [&](int64_t b0, int64_t b1) {
+        const int tid = at::get_thread_num();
+        float* zb = zf_base + static_cast<int64_t>(tid) * tm * fcols;
+        RowStats* st = stb + static_cast<int64_t>(tid) * tm;
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t v0 = blk * fcols, nb = std::min(fcols, vocab - v0);
+          if (brg) {  // Z block [cnt, nb] (leading dimension nb), 64 columns per packed block of W
+#if GRAO_X86
+            uint32_t* buf = wt_base + static_cast<int64_t>(tid) * wstride;
+            for (int64_t q0 = 0; q0 < nb; q0 += kLdb) {
+              const int64_t qn = std::min(kLdb, nb - q0);
+              pack_wt_block(wp16 + (v0 + q0) * dim, dim, qn, buf);
+              for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
+                bapi.gemm(std::min(kBrgRows, cnt - m0), qn, dim, dim, kLdb, nb, false, ha + m0 * dim,
+                          reinterpret_cast<const c10::BFloat16*>(buf), zb + m0 * nb + q0, true);
+              }
+            }
+#endif
+          } else {
+            gemm_rm(false, true, cnt, nb, dim, h_tile, wd.narrow(0, v0, nb), 0.f,
+                    at::from_blob(zb, {cnt, nb}, f32), direct);
+          }
+          for (int64_t i = 0; i < cnt; ++i) {
+            float* zr = zb + i * nb;
+#if GRAO_X86
+            if (vec) {
+              fold_avx512(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st[i]);
+            } else {
+              fold_scalar(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st[i]);
+            }
+#else
+            fold_scalar(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st[i]);
+#endif
+            const int64_t l = lab[row_ids[start + i]] - v0;
+            if (l >= 0 && l < nb) picked[i] = zr[l];  // scaled in place by the fold
+          }
+        }
+        if (brg) bapi.release(true);
+      });
+      for (int64_t i = 0; i < cnt; ++i) {  // merge the threads' statistics (a thread without blocks has m = -inf)
+        float m = -std::numeric_limits<float>::infinity();
+        for (int t = 0; t < nthreads; ++t) m = std::max(m, stb[t * tm + i].m);
+        float s = 0.f, te = 0.f;
+        for (int t = 0; t < nthreads; ++t) {
+          const RowStats& q = stb[t * tm + i];
+          if (q.m == -std::numeric_limits<float>::infinity()) continue;
+          const float f = std::exp(q.m - m);
+          s += q.s * f;
+          te += f * (q.t + (q.m - m) * q.s);
+        }
+        const int64_t tok = row_ids[start + i];
+        const float log_sum = std::log(s);
+        logp_p[tok] = (picked[i] - m) - log_sum;
+        lse_p[tok] = m;
+        lse_p[n_tok + tok] = log_sum;
+        if (ent_p) ent_p[tok] = log_sum - te / s;
+      }
+      continue;
+    }
     at::Tensor z_tile = z_buf.narrow(0, 0, cnt);
     float* z = z_tile.data_ptr<float>();
     if (brg) {

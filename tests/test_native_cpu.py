@@ -157,11 +157,13 @@ def test_tied_weights_and_noncontiguous_inputs():
         check_all(got, eager, ref, dtype, ["loss", "dtable"])
 
 
-@pytest.mark.parametrize("isa", [1, 2, 3, 4], ids=["scalar_rows", "aten_gemms", "both", "mkl_gemms"])
+@pytest.mark.parametrize("isa", [1, 2, 3, 4, 8], ids=["scalar_rows", "aten_gemms", "both", "mkl_gemms",
+                                                 "two_pass_forward"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_fallback_kernels_against_float64(dtype, isa):
-    """The scalar row kernel (CPUs without AVX-512), the ATen GEMMs (torch without MKL's bf16 GEMM) and MKL's bf16
-    GEMM (CPUs without AMX, where oneDNN's brgemm does not run), at an odd and an even D."""
+    """The scalar row kernel (CPUs without AVX-512), the ATen GEMMs (torch without MKL's bf16 GEMM), MKL's bf16
+    GEMM (CPUs without AMX, where oneDNN's brgemm does not run) and the forward through a logits buffer, at an odd
+    and an even D."""
     for d in (21, 22):
         check_fallback(dtype, isa, d)
 
@@ -179,9 +181,15 @@ def check_fallback(dtype, isa, d):
     ref = chunked_linear_logprob(*(t.double() for t in (h, w)), labels, b.double(), temperature=0.9,
                                  ignore_index=IGN, return_entropy=True, grad_logp=grad.double())
     ref = [ref.logp, ref.entropy, ref.grad_hidden, ref.grad_weight, ref.grad_bias]
+    fwd = cpu_native.native_pass(h, w, labels, b, temperature=0.9, ignore_index=IGN, return_entropy=True,
+                                 tile_bytes=16 * 4 * 515, isa=isa)  # forward only: the online-softmax blocks
+    got += [fwd.logp, fwd.entropy]
+    eager += eager[:2]
+    ref += ref[:2]
     active = labels != IGN
-    got[1], eager[1], ref[1] = (e * active for e in (got[1], eager[1], ref[1]))  # entropy only where visited
-    check_all(got, eager, ref, dtype, ["logp", "entropy", "dhidden", "dweight", "dbias"])
+    for k in (1, 6):  # entropy only where visited
+        got[k], eager[k], ref[k] = (e * active for e in (got[k], eager[k], ref[k]))
+    check_all(got, eager, ref, dtype, ["logp", "entropy", "dhidden", "dweight", "dbias", "fwd logp", "fwd entropy"])
 
 
 def brgemm_expected() -> bool:
@@ -226,6 +234,7 @@ def test_brgemm_gemms_against_float64(shape, bias):
     kw = {"temperature": 0.9, "ignore_index": IGN, "return_entropy": True, "grad_logp": grad}
     names = ["logp", "entropy", "grad_hidden", "grad_weight"] + (["grad_bias"] if bias else [])
     got, mkl = (cpu_native.native_pass(h, w, labels, b, tile_bytes=rows * 4 * v, isa=isa, **kw) for isa in (0, 4))
+    fwd = cpu_native.native_pass(h, w, labels, b, tile_bytes=rows * 4 * v, **{**kw, "grad_logp": None})
     chk = chunked_linear_logprob(h, w, labels, b, **kw)
     ref = chunked_linear_logprob(h.double(), w.double(), labels, None if b is None else b.double(),
                                  **{**kw, "grad_logp": grad.double()})
@@ -237,6 +246,9 @@ def test_brgemm_gemms_against_float64(shape, bias):
             g, m, c, r = (e * active for e in (g, m, c, r))
         assert_no_worse_than_eager(g, c, r, atol=atol, rtol=rtol, what=name)
         assert_no_worse_than_eager(g, m, r, atol=atol, rtol=rtol, what=f"{name} (brgemm vs MKL)")
+        if name in ("logp", "entropy"):
+            f = getattr(fwd, name) * (active if name == "entropy" else 1)
+            assert_no_worse_than_eager(f, c, r, atol=atol, rtol=rtol, what=f"forward-only {name}")
 
 
 def test_bf16_weight_grad_over_many_tiles_is_rounded_once():
@@ -281,6 +293,9 @@ def test_fuzz_native_against_chunked(p):
     kw = {"temperature": p["temperature"], "ignore_index": IGN}
     tile = None if p["tile"] is None else 4 * p["v"]  # a one-row budget: one-token tiles
     nat = cpu_native.native_pass(h, w, labels, b, grad_logp=grad.float(), tile_bytes=tile, **kw)
+    fwd = cpu_native.native_pass(h, w, labels, b, tile_bytes=tile, return_entropy=True, **kw)
+    ent = [chunked_linear_logprob(x, y, labels, z, return_entropy=True, **kw).entropy
+           for x, y, z in ((h, w, b), (h.double(), w.double(), None if b is None else b.double()))]
     chk = chunked_linear_logprob(h, w, labels, b, grad_logp=grad.float(), **kw)
     ref = chunked_linear_logprob(h.double(), w.double(), labels, None if b is None else b.double(),
                                  grad_logp=grad, **kw)
@@ -292,6 +307,10 @@ def test_fuzz_native_against_chunked(p):
             continue
         assert n_.dtype == c_.dtype and n_.shape == r_.shape
         assert_no_worse_than_eager(n_, c_, r_, atol=atol, rtol=rtol, what=name)
+    active = labels != IGN
+    assert_no_worse_than_eager(fwd.logp, chk.logp, ref.logp, atol=atol, rtol=rtol, what="forward-only logp")
+    assert_no_worse_than_eager(fwd.entropy * active, ent[0] * active, ent[1] * active, atol=atol, rtol=rtol,
+                               what="forward-only entropy")
 
 
 def test_environment_variable_forces_either_path(monkeypatch):

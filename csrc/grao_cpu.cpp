@@ -788,11 +788,15 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   at::Tensor logp = at::zeros({n_tok}, f32);
   at::Tensor lse = at::zeros({2, n_tok}, f32);
   at::Tensor ent = want_entropy ? at::zeros({n_tok}, f32) : at::empty({0}, f32);
-  at::Tensor dh = grads && need_h ? at::zeros_like(hidden, at::MemoryFormat::Contiguous) : at::empty({0}, f32);
+  // The gradients, [N, D] and [V, D], are mapped zero pages too (mapped_empty), never glibc heap blocks: a freed
+  // [V, D] gradient (31 MiB at V = 32000, D = 512 bf16) raised glibc's mmap threshold to its size, after which the
+  // next call's gradients came from the heap, where fragmentation now and then kept a second one resident (peak
+  // +31 MiB in about one bf16 benchmark run in three).
+  at::Tensor dh = grads && need_h ? mapped_empty(hidden.sizes(), hidden.scalar_type()) : at::empty({0}, f32);
   // dW: fp32 weights accumulate in the output itself (GEMMs with beta = 1); bf16 ones in the output as the high
   // part plus an int8 residual (acc_hilo_*), mapped zero pages.
   const bool want_w = grads && need_w;
-  at::Tensor dw = !want_w ? at::empty({0}, f32) : at::zeros({vocab, dim}, weight.options());
+  at::Tensor dw = !want_w ? at::empty({0}, f32) : mapped_empty({vocab, dim}, weight.scalar_type());
   at::Tensor dw_lo = want_w && bf16 ? mapped_empty({vocab, dim}, at::kChar) : at::Tensor();
   const bool has_bias = bias.has_value();
   at::Tensor db32 = grads && need_b && has_bias ? at::zeros({vocab}, f32) : at::empty({0}, f32);
@@ -842,16 +846,17 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   const int64_t ndb = (dim + kLdb - 1) / kLdb, kc = dh_chunk(dim);
   const int64_t kp_max = (tm + 31) / 32 * 32;  // the dW GEMMs' K: the tile's rows rounded up to 32 (zero rows)
   const int64_t wstride = std::max(dim / 2, kc / 2 * ndb) * kLdb;
-  at::Tensor w_pack = brg ? at::empty({nthreads, wstride}, at::kInt) : at::Tensor();
-  at::Tensor dh_part = brg && grads && need_h ? at::empty({nthreads, tm, dim}, f32) : at::Tensor();
-  at::Tensor h_pack = brg && want_w ? at::empty({ndb, kp_max / 2 * kLdb}, at::kInt) : at::Tensor();
-  at::Tensor dzt_buf = brg && want_w ? at::empty({nthreads, kBrgRows, kp_max}, at::kBFloat16) : at::Tensor();
+  // (mapped like z_buf, and for the same reason: heap blocks of this size could pin the heap's top between calls)
+  at::Tensor w_pack = brg ? mapped_empty({nthreads, wstride}, at::kInt) : at::Tensor();
+  at::Tensor dh_part = brg && grads && need_h ? mapped_empty({nthreads, tm, dim}, at::kFloat) : at::Tensor();
+  at::Tensor h_pack = brg && want_w ? mapped_empty({ndb, kp_max / 2 * kLdb}, at::kInt) : at::Tensor();
+  at::Tensor dzt_buf = brg && want_w ? mapped_empty({nthreads, kBrgRows, kp_max}, at::kBFloat16) : at::Tensor();
   // Forward only: no [tile x V] logits. Threads over blocks of fcols vocabulary columns, each block's logits for the
   // tile's rows computed into the thread's cache-sized buffer (~512 KiB) and folded into the rows' running softmax
   // statistics (fold_*), merged across threads per tile. The logits never leave the cache (the two-pass rows read
   // a [tile x V] buffer back from memory: fp32 forward 1.21x its matmul floor, measured; the fold saves that pass).
   const int64_t fcols = std::min(vocab, std::max<int64_t>(64, (int64_t{1} << 17) / tm / 64 * 64));
-  at::Tensor zf_buf = blocked_fwd ? at::empty({nthreads, tm * fcols}, f32) : at::Tensor();
+  at::Tensor zf_buf = blocked_fwd ? mapped_empty({nthreads, tm * fcols}, at::kFloat) : at::Tensor();
   at::Tensor st_buf = blocked_fwd ? at::empty({nthreads, tm, 3}, f32) : at::Tensor();  // RowStats per thread, row
   at::Tensor picked_buf = blocked_fwd ? at::empty({tm}, f32) : at::Tensor();            // the label's scaled logit
   int32_t* ck = corr ? corr_k.data_ptr<int32_t>() : nullptr;

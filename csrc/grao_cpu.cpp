@@ -75,9 +75,22 @@ at::Tensor mapped_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t bytes = std::max<size_t>(1, static_cast<size_t>(numel) * c10::elementSize(dtype));
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(p != MAP_FAILED, "grao_cpu: could not map a ", bytes, "-byte workspace");
-  return at::from_blob(p, sizes, [bytes](void* q) { munmap(q, bytes); }, at::TensorOptions().dtype(dtype));
+  // From 2 MiB on: aligned to 2 MiB and advised as transparent huge pages (where THP is "madvise" or "always"),
+  // so that first touch costs one fault per 2 MiB rather than per 4 KiB page: with 4 KiB pages, mapping the
+  // gradients measured 0.05x (N = 4096) to 0.11x (N = 1024) of the fp32 matmul floor slower than reusing heap blocks.
+  constexpr size_t kHuge = size_t{2} << 20;
+  const bool huge = bytes >= kHuge;
+  const size_t total = huge ? bytes + kHuge : bytes;
+  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(base != MAP_FAILED, "grao_cpu: could not map a ", bytes, "-byte workspace");
+  char* p = static_cast<char*>(base);
+  if (huge) {
+    p += (kHuge - reinterpret_cast<uintptr_t>(p) % kHuge) % kHuge;
+#ifdef MADV_HUGEPAGE
+    madvise(base, total, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB
+#endif
+  }
+  return at::from_blob(p, sizes, [base, total](void*) { munmap(base, total); }, at::TensorOptions().dtype(dtype));
 }
 
 // bf16 dz. The GEMMs read dz rounded to bf16, as eager's backward does; two cheap terms keep that rounding from

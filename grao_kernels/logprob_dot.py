@@ -34,8 +34,8 @@ def fused_linear_logprob_dot_op(hidden: torch.Tensor, weight: torch.Tensor, bias
     acc = compute_dtype(hidden.dtype)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     grad_logp = (coef.to(acc) * (labels != ignore_index)).contiguous()
-    logp, grads = known_grad_pass(backend, hidden, weight, labels, bias, grad_logp if any(needs) else None,
-                                  temperature=temperature, ignore_index=ignore_index, needs=needs)
+    logp, grads = known_grad_pass(backend, hidden, weight, labels, bias, grad_logp, temperature=temperature,
+                                  ignore_index=ignore_index, needs=needs)
     logp = logp.to(acc)
     dh, dw, db = (hidden.new_empty(0) if g is None else g for g in grads)
     return (grad_logp * logp).sum(), logp, dh, dw, db

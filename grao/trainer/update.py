@@ -149,15 +149,15 @@ def prompt_kv_passes(plan: list[tuple[int, int]], rows: Rows, unit: int) -> dict
     inside: dict[int, int] = {}
     for start, stop in plan:
         group = start // unit
-        if (stop - 1) // unit == group and not (start % unit == 0 and stop - start == unit):
+        if (stop - 1) // unit == group:  # a whole group is one range: counted once, never shared
             inside[group] = inside.get(group, 0) + 1
     return {g: k for g, k in inside.items() if k > 1 and len(rows[g * unit][0]) > 1}
 
 
 def _split_tokens(rows: Rows, shared: bool) -> int:
     """What a range of one group's rows is held to when the group is split: packed, its completion tokens
-    only (every range forwards the whole prompt again, so splitting cannot shrink that part; a long prompt
-    must not turn into G + 1 prompt forwards); padded, the whole pass."""
+    only (its prompt is forwarded once for all ranges, or, without PromptSharing, again by every range:
+    either way splitting cannot shrink that part); padded, the whole pass."""
     return pass_tokens(rows, shared) - (len(rows[0][0]) if shared and rows else 0)
 
 

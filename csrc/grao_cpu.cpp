@@ -288,6 +288,27 @@ GRAO_AVX512 inline __m256i to_bf16_avx512(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
+// One pass over a row's (scaled) logits z[0, n): sum of e = exp(z - m) and, when asked, of e * (z - m) (the
+// entropy's numerator); with ``store`` e is written over z (the fused row turns it into dz in place). Shared
+// by the fused row kernel and the forward-only online softmax (fold_avx512).
+GRAO_AVX512 inline void exp_sum_avx512(float* z, int64_t n, float m, bool entropy, bool store, float& sum,
+                                       float& dsum) {
+  const int64_t full = n / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  const __m512 vmax = _mm512_set1_ps(m);
+  __m512 vs = _mm512_setzero_ps(), vt2 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, z + k), vmax);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_avx512(d));
+    vs = _mm512_add_ps(vs, e);
+    if (entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
+    if (store) _mm512_mask_storeu_ps(z + k, mk, e);
+  }
+  sum = _mm512_reduce_add_ps(vs);
+  dsum = entropy ? _mm512_reduce_add_ps(vt2) : 0.f;
+}
+
 GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
   float* z = j.z;
   const int64_t n = j.vocab;
@@ -323,22 +344,13 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
     m = (lv > m2 || lv != lv) ? lv : m2;  // a NaN label logit propagates, as through the max pass
   }
   const float picked = z[j.label];
-  const __m512 vmax = _mm512_set1_ps(m);
-  __m512 vs = _mm512_setzero_ps(), vt2 = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
-    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, z + k), vmax);
-    const __m512 e = _mm512_maskz_mov_ps(mk, exp_avx512(d));
-    vs = _mm512_add_ps(vs, e);
-    if (j.entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
-    if (j.grads) _mm512_mask_storeu_ps(z + k, mk, e);
-  }
-  const float s = _mm512_reduce_add_ps(vs);
+  float s, t;
+  exp_sum_avx512(z, n, m, j.entropy, j.grads, s, t);
   RowOut out;
   out.max = m;
   out.log_sum = std::log(s);
   out.logp = (picked - m) - out.log_sum;
-  out.entropy = j.entropy ? out.log_sum - _mm512_reduce_add_ps(vt2) / s : 0.f;
+  out.entropy = j.entropy ? out.log_sum - t / s : 0.f;
   if (j.grads) {
     // one sweep: dz = e * alpha (+ coef at the label), written as fp32 in place and / or as bf16
     const float a = -j.coef / s;
@@ -434,17 +446,10 @@ GRAO_AVX512 void fold_avx512(float* z, int64_t n, const float* bias, float inv_t
     vm = _mm512_mask_max_ps(vm, mk, vm, v);
   }
   stats_rescale(st, _mm512_reduce_max_ps(vm));
-  const __m512 vmax = _mm512_set1_ps(st.m);
-  __m512 vs = _mm512_setzero_ps(), vt2 = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
-    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, z + k), vmax);
-    const __m512 e = _mm512_maskz_mov_ps(mk, exp_avx512(d));
-    vs = _mm512_add_ps(vs, e);
-    if (entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
-  }
-  st.s += _mm512_reduce_add_ps(vs);
-  if (entropy) st.t += _mm512_reduce_add_ps(vt2);
+  float s, t;
+  exp_sum_avx512(z, n, st.m, entropy, false, s, t);
+  st.s += s;
+  st.t += t;
 }
 #endif
 

@@ -17,6 +17,9 @@
 //                                           rounded to bf16 (as eager's backward) over the start of the row's
 //                                           own fp32 slot, plus the fp32 corrections of its few large entries
 //                                           and, in flat rows, an offset (see kCorrFrac)
+//                                           bf16 with gradients on AMX CPUs (the "compact" tile, twice the rows):
+//                                           Z and the row statistics block by block in cache, only fp16
+//                                           exp(z - block max) kept, then per row the dz sweep (fold_store_avx512)
 //     dh_tile = dz @ W                      GEMM (fp32 accumulation), corrections added, scattered into dh rows
 //     dW     += dz^T @ h_tile               fp32: GEMM with beta = 1 into dW itself (the BLAS splits it over
 //                                           threads by output block: no atomics, no per-thread copies).
@@ -586,6 +589,125 @@ GRAO_AVX512 void acc_hilo_avx512(uint16_t* hi, int8_t* lo, const float* c, const
 }
 #endif
 
+#if GRAO_X86
+// ---- bf16 with gradients: the tile's logits kept as 16-bit exponentials (the "compact" tile) ----
+// The fp32 [tile x V] logits buffer costs 4 bytes per logit and two trips through memory (the GEMM writes it, the
+// row kernel reads it back). bf16 tiles instead fold each cache-sized block of logits, right after its GEMM and
+// while it is in cache, into the row's running softmax statistics (as the forward-only path does) and keep only
+// e = exp(z - bm) in fp16 (bm: the block's max, kept per row and block): 2 bytes per logit, so the same buffer
+// holds twice the rows, and every per-tile cost (the dW hi / lo update, packing W) is paid half as often. The dz
+// sweep then reads e back: dz = alpha exp(bm - m) e (+ g/T at the label), written in place as bf16.
+// Accuracy: e lies in (0, 1] and fp16 keeps it to 2^-11 relative (below 2^-14, to 2^-25 absolute: at most
+// 64 * 2^-25 of each block's largest probability per block, ~2e-6 of the row in all), a quarter of the bf16
+// rounding that every dz then takes, as eager's backward does; s, the log-prob and the entropy come from the fp32
+// logits, and the entries that get an fp32 correction (kCorrFrac: the label and the few probable tokens) are
+// recomputed exactly (an fp32 dot of the row of h and of W) rather than read from e.
+
+// One block of a row: scales z in place (bias, 1 / T), stores x = fp16(exp(z - bm)), bm_out = bm, and folds the
+// block into st (rescaled as in fold_*). label: the label's index in the block, or -1; when present its scaled
+// logit goes to picked and it is left out of m2, the largest non-label logit (grad_split's flat-row test).
+GRAO_AVX512 void fold_store_avx512(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy,
+                                   int64_t label, uint16_t* x, float& bm_out, RowStats& st, float& m2,
+                                   float& picked) {
+  const int64_t full = n / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  const __m512 vt = _mm512_set1_ps(inv_t);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  __m512 vm = _mm512_set1_ps(ninf);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
+    __m512 v = _mm512_maskz_loadu_ps(mk, z + k);
+    if (scale) {
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + k));
+      v = _mm512_mul_ps(v, vt);
+      _mm512_mask_storeu_ps(z + k, mk, v);
+    }
+    const __mmask16 mm = label >= k && label < k + 16 ? static_cast<__mmask16>(mk & ~(1u << (label - k))) : mk;
+    vm = _mm512_mask_max_ps(vm, mm, vm, v);
+  }
+  const float nl = _mm512_reduce_max_ps(vm);
+  float bm = nl;
+  if (label >= 0) {
+    const float lv = z[label];
+    picked = lv;
+    bm = (lv > nl || lv != lv) ? lv : nl;  // a NaN label logit propagates, as in row_avx512
+  }
+  m2 = std::max(m2, nl);
+  bm_out = bm;
+  if (bm == ninf) {  // every logit of the block is -inf (a -inf bias): e = 0, nothing to fold
+    std::memset(x, 0, n * sizeof(uint16_t));
+    return;
+  }
+  const __m512 vmax = _mm512_set1_ps(bm);
+  __m512 vs = _mm512_setzero_ps(), vt2 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, z + k), vmax);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp_avx512(d));
+    vs = _mm512_add_ps(vs, e);
+    if (entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
+    _mm256_mask_storeu_epi16(x + k, mk, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  const float s = _mm512_reduce_add_ps(vs);
+  stats_rescale(st, bm);
+  const float f = std::exp(bm - st.m);  // 1 when the block holds the running max; NaN carries a NaN bm into s
+  st.s += f * s;
+  if (entropy) st.t += f * (_mm512_reduce_add_ps(vt2) + (bm - st.m) * s);
+}
+
+// fp32 dot of a bf16 row of h and a bf16 row of W (the exact recomputation of a corrected entry's logit)
+GRAO_AVX512 float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = k + 16 <= n ? static_cast<__mmask16>(0xffff)
+                                     : static_cast<__mmask16>((1u << (n - k)) - 1u);
+    const __m512 va = from_bf16_avx512(_mm256_maskz_loadu_epi16(mk, a + k));
+    const __m512 vb = from_bf16_avx512(_mm256_maskz_loadu_epi16(mk, b + k));
+    acc = _mm512_fmadd_ps(va, vb, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+struct CompactRow {
+  const float* bm;      // [ceil(V / cols)] the blocks' maxes
+  int64_t cols;         // columns per block
+  float m, alpha, c0, thr;
+  const uint16_t* h;    // [D] the token's hidden state, w [V, D]: the exact recomputation of corrected entries
+  const uint16_t* w;
+  int64_t dim;
+};
+
+// The dz sweep of one row of a compact tile: x holds e (fp16) and receives bf16(dz - c0) in place; entries above the
+// correction threshold (the label's excepted: the caller writes it) are recomputed exactly and recorded (corr_push).
+GRAO_AVX512 void dz_compact_avx512(uint16_t* x, const RowJob& j, const CompactRow& c) {
+  const int64_t n = j.vocab;
+  const __m512 c0 = _mm512_set1_ps(c.c0), thr = _mm512_set1_ps(c.thr);
+  for (int64_t v0 = 0, b = 0; v0 < n; v0 += c.cols, ++b) {
+    const int64_t nb = std::min(c.cols, n - v0), full = nb / 16 * 16;
+    const __mmask16 tail = static_cast<__mmask16>((1u << (nb - full)) - 1u);
+    const float bm = c.bm[b];
+    const __m512 f = _mm512_set1_ps(bm == -std::numeric_limits<float>::infinity() ? 0.f
+                                                                                  : c.alpha * std::exp(bm - c.m));
+    uint16_t* xb = x + v0;
+    for (int64_t k = 0; k < nb; k += 16) {
+      const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
+      const __m512 r = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, xb + k)), f), c0);
+      _mm256_mask_storeu_epi16(xb + k, mk, to_bf16_avx512(r));
+      __mmask16 big = _mm512_mask_cmp_ps_mask(mk, _mm512_abs_ps(r), thr, _CMP_GT_OQ);
+      for (; big; big &= big - 1) {  // rare: at most 2 / kCorrFrac + 1 entries per row
+        const int64_t kk = v0 + k + __builtin_ctz(big);
+        if (kk == j.label) continue;
+        float z = dot_bf16_avx512(c.h, c.w + kk * c.dim, c.dim);
+        if (j.scale) z = (z + (j.bias ? j.bias[kk] : 0.f)) * j.inv_t;
+        const float rv = c.alpha * std::exp(z - c.m) - c.c0;
+        x[kk] = bf16_bits(rv);
+        corr_push(j, kk, rv);
+      }
+    }
+  }
+}
+#endif
+
 // ---- bf16 GEMMs through oneDNN's brgemm ukernel (AMX) ----
 // libtorch_cpu exports at::native::cpublas::brgemm, the oneDNN batch-reduce GEMM micro-kernel that PyTorch's CPU
 // flash attention calls once per (query block, key block) (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp,
@@ -791,7 +913,8 @@ void pack_h_pairs(const uint16_t* h, int64_t cnt, int64_t dim, int64_t kp, uint3
 }
 
 // isa: bit 0 forces the scalar row kernel, bit 1 the ATen GEMMs for bf16, bit 2 MKL's bf16 GEMM instead of brgemm,
-// bit 3 the forward through a [tile x V] logits buffer as with gradients (tests of the fallbacks, comparisons).
+// bit 3 the forward through a [tile x V] logits buffer as with gradients, bit 4 the fp32 logits tile for bf16 with
+// gradients instead of the compact one (tests of the fallbacks, comparisons).
 template <typename T>
 std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& rows,
@@ -822,15 +945,22 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   if (active == 0) {
     return {logp, lse, ent, dh, dw, grads && need_b && has_bias ? db32.to(bias->scalar_type()) : db32};
   }
-  const int64_t tm = std::max<int64_t>(1, std::min(tile_rows, active));
   const bool keep32 = need_b && has_bias;  // the bias gradient sums the fp32 dz
+  const bool vec = !(isa & 1) && cpu_has_avx512();
+  // bf16 GEMMs through brgemm (AMX; even D, the VNNI pairs run along D in Z = h W^T)
+  const bool brg = GRAO_X86 && bf16 && dim % 2 == 0 && !(isa & 6) && brgemm_ready();
+  // bf16 with gradients on the AVX-512 + brgemm path keeps its tile as 16-bit exponentials (fold_store_avx512): half
+  // the bytes per logit of the fp32 buffer that tile_rows is sized for, so twice the rows. Not with a bias gradient
+  // (it sums the fp32 dz); isa bit 4 turns it off (tests, comparisons).
+  const bool compact = grads && bf16 && brg && vec && !keep32 && !(isa & 16);
+  const int64_t tm = std::max<int64_t>(1, std::min(compact ? 2 * tile_rows : tile_rows, active));
   const bool corr = grads && bf16;         // fp32 corrections of the large dz entries (kCorrFrac)
   // Workspaces, once per call, sized by the tile (tile_rows x V) or by the cache (the dW blocks), never by N.
   // The bf16 dz of row i is written over the start of its own fp32 row of z_buf (leading dimension 2V), unless
   // the bias gradient needs the fp32 dz kept, which takes a separate buffer.
   const bool blocked_fwd = !grads && !(isa & 8);  // forward only: online softmax over vocabulary blocks (below)
-  at::Tensor z_buf = !blocked_fwd ? mapped_empty({tm, vocab}, at::kFloat) : at::Tensor();
-  at::Tensor dz16_buf = grads && bf16 && keep32 ? mapped_empty({tm, vocab}, at::kBFloat16) : at::Tensor();
+  at::Tensor z_buf = !blocked_fwd && !compact ? mapped_empty({tm, vocab}, at::kFloat) : at::Tensor();
+  at::Tensor dz16_buf = grads && bf16 && (keep32 || compact) ? mapped_empty({tm, vocab}, at::kBFloat16) : at::Tensor();
   const int64_t ld16 = dz16_buf.defined() ? vocab : 2 * vocab;
   at::Tensor h_buf = at::empty({tm, dim}, hidden.options());
   at::Tensor dh_buf = grads && need_h ? at::empty({tm, dim}, f32) : at::Tensor();
@@ -855,11 +985,9 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   const float inv_t = static_cast<float>(1.0 / temperature);
   const bool scale = has_bias || temperature != 1.0;
   const float* b32 = has_bias ? bias32.data_ptr<float>() : nullptr;
-  const bool vec = !(isa & 1) && cpu_has_avx512();
   const bool direct = !(isa & 2) && mkl_bf16_gemm() != nullptr;
-  // bf16 GEMMs through brgemm (AMX; even D, the VNNI pairs run along D in Z = h W^T); per-thread packing buffers for
-  // a block of W (Z: 64 rows, dh: dh_chunk rows), fp32 partials of dh_tile, and rows of dz^T (dW)
-  const bool brg = GRAO_X86 && bf16 && dim % 2 == 0 && !(isa & 6) && brgemm_ready();
+  // brgemm's per-thread packing buffers for a block of W (Z: 64 rows, dh: dh_chunk rows), fp32 partials of dh_tile,
+  // and rows of dz^T (dW)
   const BrgemmApi& bapi = brgemm_api();
   const int64_t ndb = (dim + kLdb - 1) / kLdb, kc = dh_chunk(dim);
   const int64_t kp_max = (tm + 31) / 32 * 32;  // the dW GEMMs' K: the tile's rows rounded up to 32 (zero rows)
@@ -874,13 +1002,102 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   // statistics (fold_*), merged across threads per tile. The logits never leave the cache (the two-pass rows read
   // a [tile x V] buffer back from memory: fp32 forward 1.21x its matmul floor, measured; the fold saves that pass).
   const int64_t fcols = std::min(vocab, std::max<int64_t>(64, (int64_t{1} << 17) / tm / 64 * 64));
-  at::Tensor zf_buf = blocked_fwd ? mapped_empty({nthreads, tm * fcols}, at::kFloat) : at::Tensor();
-  at::Tensor st_buf = blocked_fwd ? at::empty({nthreads, tm, 3}, f32) : at::Tensor();  // RowStats per thread, row
-  at::Tensor picked_buf = blocked_fwd ? at::empty({tm}, f32) : at::Tensor();            // the label's scaled logit
+  // A compact tile folds the same blocks (fold_store_avx512) and also keeps each block's max (bm_buf) and the
+  // rows' largest non-label logit per thread (m2_buf).
+  const bool folds = blocked_fwd || compact;
+  const int64_t nfb = (vocab + fcols - 1) / fcols;
+  at::Tensor zf_buf = folds ? mapped_empty({nthreads, tm * fcols}, at::kFloat) : at::Tensor();
+  at::Tensor st_buf = folds ? at::empty({nthreads, tm, 3}, f32) : at::Tensor();  // RowStats per thread, row
+  at::Tensor picked_buf = folds ? at::empty({tm}, f32) : at::Tensor();            // the label's scaled logit
+  at::Tensor bm_buf = compact ? at::empty({tm, nfb}, f32) : at::Tensor();
+  at::Tensor m2_buf = compact ? at::empty({nthreads, tm}, f32) : at::Tensor();
   int32_t* ck = corr ? corr_k.data_ptr<int32_t>() : nullptr;
   float* cv = corr ? corr_v.data_ptr<float>() : nullptr;
   int32_t* cn = corr ? corr_n.data_ptr<int32_t>() : nullptr;
   float* off = corr ? offs.data_ptr<float>() : nullptr;
+
+#if GRAO_X86
+  // A compact tile (bf16 with gradients; fold_store_avx512): threads over blocks of fcols vocabulary columns, each
+  // block's logits for the tile's rows computed into the thread's cache-sized buffer and folded there, only their
+  // fp16 exponentials kept (dz16_buf, leading dimension V); then threads over rows: the threads' statistics merged,
+  // the log-prob, and the dz sweep in place (dz_compact_avx512).
+  const auto compact_tile = [&](const at::Tensor& h_tile, int64_t start, int64_t cnt) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    RowStats* stb = reinterpret_cast<RowStats*>(st_buf.data_ptr<float>());
+    float* picked = picked_buf.data_ptr<float>();
+    float* zf_base = zf_buf.data_ptr<float>();
+    float* bmp = bm_buf.data_ptr<float>();
+    float* m2p = m2_buf.data_ptr<float>();
+    uint16_t* xp = reinterpret_cast<uint16_t*>(dz16_buf.data_ptr<at::BFloat16>());
+    std::fill(stb, stb + nthreads * tm, RowStats{ninf, 0.f, 0.f});
+    std::fill(m2p, m2p + nthreads * tm, ninf);
+    const uint16_t* hp16 = reinterpret_cast<const uint16_t*>(h_tile.data_ptr<T>());
+    const c10::BFloat16* ha = reinterpret_cast<const c10::BFloat16*>(hp16);
+    const uint16_t* wp16 = reinterpret_cast<const uint16_t*>(weight.data_ptr<T>());
+    uint32_t* wt_base = reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>());
+    at::parallel_for(0, nfb, 1, [&](int64_t b0, int64_t b1) {
+      const int tid = at::get_thread_num();
+      float* zb = zf_base + static_cast<int64_t>(tid) * tm * fcols;
+      RowStats* st = stb + static_cast<int64_t>(tid) * tm;
+      float* m2t = m2p + static_cast<int64_t>(tid) * tm;
+      uint32_t* buf = wt_base + static_cast<int64_t>(tid) * wstride;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t v0 = blk * fcols, nb = std::min(fcols, vocab - v0);
+        for (int64_t q0 = 0; q0 < nb; q0 += kLdb) {  // Z block [cnt, nb] (leading dimension nb)
+          const int64_t qn = std::min(kLdb, nb - q0);
+          pack_wt_block(wp16 + (v0 + q0) * dim, dim, qn, buf);
+          for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
+            bapi.gemm(std::min(kBrgRows, cnt - m0), qn, dim, dim, kLdb, nb, false, ha + m0 * dim,
+                      reinterpret_cast<const c10::BFloat16*>(buf), zb + m0 * nb + q0, true);
+          }
+        }
+        for (int64_t i = 0; i < cnt; ++i) {
+          const int64_t l = lab[row_ids[start + i]] - v0;
+          fold_store_avx512(zb + i * nb, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy,
+                            l >= 0 && l < nb ? l : -1, xp + i * vocab + v0, bmp[i * nfb + blk], st[i], m2t[i],
+                            picked[i]);
+        }
+      }
+      bapi.release(true);
+    });
+    at::parallel_for(0, cnt, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        float m = ninf, m2 = ninf;
+        for (int t = 0; t < nthreads; ++t) {
+          m = std::max(m, stb[t * tm + i].m);
+          m2 = std::max(m2, m2p[t * tm + i]);
+        }
+        float s = 0.f, te = 0.f;
+        for (int t = 0; t < nthreads; ++t) {  // as the forward-only merge (a thread without blocks has m = -inf)
+          const RowStats& q = stb[t * tm + i];
+          if (q.m == ninf) continue;
+          const float f = std::exp(q.m - m);
+          s += q.s * f;
+          te += f * (q.t + (q.m - m) * q.s);
+        }
+        const int64_t tok = row_ids[start + i];
+        const float log_sum = std::log(s);
+        logp_p[tok] = (picked[i] - m) - log_sum;
+        lse_p[tok] = m;
+        lse_p[n_tok + tok] = log_sum;
+        if (ent_p) ent_p[tok] = log_sum - te / s;
+        const float coef = static_cast<float>(g[tok] / temperature);
+        const float a = -coef / s;
+        const float e_label = std::exp(picked[i] - m);
+        const float at_label = e_label * a + coef;
+        const GradSplit sp = grad_split(e_label, a, at_label, coef, m2, m, s, vocab);
+        cn[i] = 0;
+        const RowJob job{nullptr, b32, vocab, inv_t, scale, lab[tok], true, coef, nullptr, false, want_entropy,
+                         ck + i * kCorrCap, cv + i * kCorrCap, cn + i, off + i};
+        uint16_t* x = xp + i * vocab;
+        dz_compact_avx512(x, job, CompactRow{bmp + i * nfb, fcols, m, a, sp.c0, sp.thr, hp16 + i * dim, wp16, dim});
+        x[job.label] = bf16_bits(at_label - sp.c0);
+        corr_label(job, at_label - sp.c0);
+        off[i] = sp.c0;
+      }
+    });
+  };
+#endif
 
   for (int64_t start = 0; start < active; start += tm) {
     const int64_t cnt = std::min(tm, active - start);
@@ -956,9 +1173,16 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
       }
       continue;
     }
-    at::Tensor z_tile = z_buf.narrow(0, 0, cnt);
-    float* z = z_tile.data_ptr<float>();
-    if (brg) {
+    at::Tensor z_tile = compact ? at::Tensor() : z_buf.narrow(0, 0, cnt);
+    float* z = compact ? nullptr : z_tile.data_ptr<float>();
+    at::BFloat16* dz16 = !(grads && bf16) ? nullptr
+                         : dz16_buf.defined() ? dz16_buf.data_ptr<at::BFloat16>()
+                                              : reinterpret_cast<at::BFloat16*>(z);
+    if (compact) {
+#if GRAO_X86
+      compact_tile(h_tile, start, cnt);
+#endif
+    } else if (brg) {
 #if GRAO_X86
       // Z [cnt, V] = h W^T: threads over blocks of 64 vocabulary rows, each packed (pack_wt_block) then used by all
       // the tile's rows, kBrgRows at a time
@@ -983,10 +1207,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
     } else {
       gemm_rm(false, true, cnt, vocab, dim, h_tile, weight, 0.f, z_tile, direct);  // Z [cnt, V] = h W^T
     }
-    at::BFloat16* dz16 = !(grads && bf16) ? nullptr
-                         : dz16_buf.defined() ? dz16_buf.data_ptr<at::BFloat16>()
-                                              : reinterpret_cast<at::BFloat16*>(z);
-    at::parallel_for(0, cnt, 1, [&](int64_t lo, int64_t hi) {
+    if (!compact) at::parallel_for(0, cnt, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t tok = row_ids[start + i];
         if (corr) {

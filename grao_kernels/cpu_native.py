@@ -142,7 +142,8 @@ def native_pass(hidden, weight, labels, bias, *, temperature, ignore_index, retu
     a non-zero incoming gradient. ``isa`` (tests of the fallbacks) is a bit set: 1 forces the scalar row kernel
     (CPUs without AVX-512), 2 ATen's GEMMs for bf16 (torch without MKL's bf16 GEMM), 4 MKL's bf16 GEMM instead of
     oneDNN's brgemm (CPUs without AMX), 8 a forward-only pass through a [tile x V] logits buffer, as the passes with
-    gradients, instead of its online softmax over vocabulary blocks.
+    gradients, instead of its online softmax over vocabulary blocks, 16 a bf16 pass with gradients through the fp32
+    [tile x V] logits buffer instead of the compact tile of fp16 exponentials (twice the rows; csrc/grao_cpu.cpp).
     """
     from grao_kernels._chunked import ChunkedResult
 

@@ -45,6 +45,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -413,12 +414,28 @@ inline void stats_rescale(RowStats& st, float bm) {
   st.m = bm;
 }
 
+// A row's statistics from those of its blocks (each folded from m = -inf), merged in block order: the same sums
+// whichever thread folded which block. A block of -inf logits (m = -inf) adds nothing; a NaN max carries NaN into s.
+inline RowStats merge_blocks(const RowStats* b, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < n; ++k) m = std::max(m, b[k].m);
+  float s = 0.f, t = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    if (b[k].m == -std::numeric_limits<float>::infinity()) continue;
+    const float f = std::exp(b[k].m - m);
+    s += b[k].s * f;
+    t += f * (b[k].t + (b[k].m - m) * b[k].s);
+  }
+  return {m, s, t};
+}
+
 void fold_scalar(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy, RowStats& st) {
   float bm = -std::numeric_limits<float>::infinity();
   for (int64_t k = 0; k < n; ++k) {
     if (scale) z[k] = (z[k] + (bias ? bias[k] : 0.f)) * inv_t;
     bm = std::max(bm, z[k]);
   }
+  if (bm == -std::numeric_limits<float>::infinity()) return;  // a block of -inf logits adds nothing
   stats_rescale(st, bm);
   float s = 0.f, t = 0.f;
   for (int64_t k = 0; k < n; ++k) {
@@ -448,7 +465,9 @@ GRAO_AVX512 void fold_avx512(float* z, int64_t n, const float* bias, float inv_t
     }
     vm = _mm512_mask_max_ps(vm, mk, vm, v);
   }
-  stats_rescale(st, _mm512_reduce_max_ps(vm));
+  const float bm = _mm512_reduce_max_ps(vm);
+  if (bm == -std::numeric_limits<float>::infinity()) return;  // a block of -inf logits adds nothing
+  stats_rescale(st, bm);
   float s, t;
   exp_sum_avx512(z, n, st.m, entropy, false, s, t);
   st.s += s;
@@ -603,12 +622,12 @@ GRAO_AVX512 void acc_hilo_avx512(uint16_t* hi, int8_t* lo, const float* c, const
 // logits, and the entries that get an fp32 correction (kCorrFrac: the label and the few probable tokens) are
 // recomputed exactly (an fp32 dot of the row of h and of W) rather than read from e.
 
-// One block of a row: scales z in place (bias, 1 / T), stores x = fp16(exp(z - bm)), bm_out = bm, and folds the
-// block into st (rescaled as in fold_*). label: the label's index in the block, or -1; when present its scaled
-// logit goes to picked and it is left out of m2, the largest non-label logit (grad_split's flat-row test).
+// One block of a row: scales z in place (bias, 1 / T), stores x = fp16(exp(z - bm)) and the block's statistics
+// st = {bm, sum of exp(z - bm), sum of exp(z - bm) (z - bm)} (merge_blocks). label: the label's index in the block,
+// or -1; when present its scaled logit goes to picked and it is left out of m2, the largest non-label logit
+// (grad_split's flat-row test).
 GRAO_AVX512 void fold_store_avx512(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy,
-                                   int64_t label, uint16_t* x, float& bm_out, RowStats& st, float& m2,
-                                   float& picked) {
+                                   int64_t label, uint16_t* x, RowStats& st, float& m2, float& picked) {
   const int64_t full = n / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
   const __m512 vt = _mm512_set1_ps(inv_t);
@@ -633,7 +652,7 @@ GRAO_AVX512 void fold_store_avx512(float* z, int64_t n, const float* bias, float
     bm = (lv > nl || lv != lv) ? lv : nl;  // a NaN label logit propagates, as in row_avx512
   }
   m2 = std::max(m2, nl);
-  bm_out = bm;
+  st = RowStats{bm, 0.f, 0.f};
   if (bm == ninf) {  // every logit of the block is -inf (a -inf bias): e = 0, nothing to fold
     std::memset(x, 0, n * sizeof(uint16_t));
     return;
@@ -648,11 +667,8 @@ GRAO_AVX512 void fold_store_avx512(float* z, int64_t n, const float* bias, float
     if (entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
     _mm256_mask_storeu_epi16(x + k, mk, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  const float s = _mm512_reduce_add_ps(vs);
-  stats_rescale(st, bm);
-  const float f = std::exp(bm - st.m);  // 1 when the block holds the running max; NaN carries a NaN bm into s
-  st.s += f * s;
-  if (entropy) st.t += f * (_mm512_reduce_add_ps(vt2) + (bm - st.m) * s);
+  st.s = _mm512_reduce_add_ps(vs);
+  if (entropy) st.t = _mm512_reduce_add_ps(vt2);
 }
 
 // fp32 dot of a bf16 row of h and a bf16 row of W (the exact recomputation of a corrected entry's logit)
@@ -669,7 +685,7 @@ GRAO_AVX512 float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t 
 }
 
 struct CompactRow {
-  const float* bm;      // [ceil(V / cols)] the blocks' maxes
+  const RowStats* blocks;  // [ceil(V / cols)] the blocks' statistics (their maxes)
   int64_t cols;         // columns per block
   float m, alpha, c0, thr;
   const uint16_t* h;    // [D] the token's hidden state, w [V, D]: the exact recomputation of corrected entries
@@ -685,7 +701,7 @@ GRAO_AVX512 void dz_compact_avx512(uint16_t* x, const RowJob& j, const CompactRo
   for (int64_t v0 = 0, b = 0; v0 < n; v0 += c.cols, ++b) {
     const int64_t nb = std::min(c.cols, n - v0), full = nb / 16 * 16;
     const __mmask16 tail = static_cast<__mmask16>((1u << (nb - full)) - 1u);
-    const float bm = c.bm[b];
+    const float bm = c.blocks[b].m;
     const __m512 f = _mm512_set1_ps(bm == -std::numeric_limits<float>::infinity() ? 0.f
                                                                                   : c.alpha * std::exp(bm - c.m));
     uint16_t* xb = x + v0;
@@ -912,6 +928,24 @@ void pack_h_pairs(const uint16_t* h, int64_t cnt, int64_t dim, int64_t kp, uint3
   }
 }
 
+// Work items [0, n) over the threads, claimed one at a time from a shared counter (dynamic scheduling): each thread
+// runs body(next) once, next() handing it its next item or -1 when none is left. A static split left one thread
+// waiting at the end of each region whenever the other's vCPU ran slower for a while (this shared VM's do): the
+// bf16 fused pass measured 1.07x its matmul floor this way and 1.13x with at::parallel_for's static chunks (paired,
+// 15 pairs each, N = 4096, D = 512, V = 32000, 2 threads). In a nested region at::parallel_for runs inline and the
+// one body claims every item.
+template <typename Body>
+void parallel_claim(int64_t n, const Body& body) {
+  std::atomic<int64_t> counter{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    body([&]() -> int64_t {
+      const int64_t i = counter.fetch_add(1, std::memory_order_relaxed);
+      return i < n ? i : -1;
+    });
+  });
+}
+
 // isa: bit 0 forces the scalar row kernel, bit 1 the ATen GEMMs for bf16, bit 2 MKL's bf16 GEMM instead of brgemm,
 // bit 3 the forward through a [tile x V] logits buffer as with gradients, bit 4 the fp32 logits tile for bf16 with
 // gradients instead of the compact one (tests of the fallbacks, comparisons).
@@ -994,7 +1028,12 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   const int64_t wstride = std::max(dim / 2, kc / 2 * ndb) * kLdb;
   // (mapped like z_buf, and for the same reason: heap blocks of this size could pin the heap's top between calls)
   at::Tensor w_pack = brg ? mapped_empty({nthreads, wstride}, at::kInt) : at::Tensor();
-  at::Tensor dh_part = brg && grads && need_h ? mapped_empty({nthreads, tm, dim}, at::kFloat) : at::Tensor();
+  // dh = dz W over brgemm: vocabulary chunks of kc rows in dh_groups fixed groups, each group summed into a partial
+  // of its own by whichever thread claims it, the partials then added in group order (the same sums whatever the
+  // schedule)
+  const int64_t dh_chunks = (vocab / 2 * 2 + kc - 1) / kc;
+  const int64_t dh_groups = std::max<int64_t>(1, std::min<int64_t>(dh_chunks, 2 * nthreads));
+  at::Tensor dh_part = brg && grads && need_h ? mapped_empty({dh_groups, tm, dim}, at::kFloat) : at::Tensor();
   at::Tensor h_pack = brg && want_w ? mapped_empty({ndb, kp_max / 2 * kLdb}, at::kInt) : at::Tensor();
   at::Tensor dzt_buf = brg && want_w ? mapped_empty({nthreads, kBrgRows, kp_max}, at::kBFloat16) : at::Tensor();
   // Forward only: no [tile x V] logits. Threads over blocks of fcols vocabulary columns, each block's logits for the
@@ -1002,14 +1041,13 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   // statistics (fold_*), merged across threads per tile. The logits never leave the cache (the two-pass rows read
   // a [tile x V] buffer back from memory: fp32 forward 1.21x its matmul floor, measured; the fold saves that pass).
   const int64_t fcols = std::min(vocab, std::max<int64_t>(64, (int64_t{1} << 17) / tm / 64 * 64));
-  // A compact tile folds the same blocks (fold_store_avx512) and also keeps each block's max (bm_buf) and the
-  // rows' largest non-label logit per thread (m2_buf).
+  // Each block's statistics per row (st_buf), merged in block order (merge_blocks); a compact tile folds the same
+  // blocks (fold_store_avx512) and also keeps the rows' largest non-label logit per thread (m2_buf).
   const bool folds = blocked_fwd || compact;
   const int64_t nfb = (vocab + fcols - 1) / fcols;
   at::Tensor zf_buf = folds ? mapped_empty({nthreads, tm * fcols}, at::kFloat) : at::Tensor();
-  at::Tensor st_buf = folds ? at::empty({nthreads, tm, 3}, f32) : at::Tensor();  // RowStats per thread, row
+  at::Tensor st_buf = folds ? at::empty({tm, nfb, 3}, f32) : at::Tensor();  // RowStats per row, block
   at::Tensor picked_buf = folds ? at::empty({tm}, f32) : at::Tensor();            // the label's scaled logit
-  at::Tensor bm_buf = compact ? at::empty({tm, nfb}, f32) : at::Tensor();
   at::Tensor m2_buf = compact ? at::empty({nthreads, tm}, f32) : at::Tensor();
   int32_t* ck = corr ? corr_k.data_ptr<int32_t>() : nullptr;
   float* cv = corr ? corr_v.data_ptr<float>() : nullptr;
@@ -1026,22 +1064,19 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
     RowStats* stb = reinterpret_cast<RowStats*>(st_buf.data_ptr<float>());
     float* picked = picked_buf.data_ptr<float>();
     float* zf_base = zf_buf.data_ptr<float>();
-    float* bmp = bm_buf.data_ptr<float>();
     float* m2p = m2_buf.data_ptr<float>();
     uint16_t* xp = reinterpret_cast<uint16_t*>(dz16_buf.data_ptr<at::BFloat16>());
-    std::fill(stb, stb + nthreads * tm, RowStats{ninf, 0.f, 0.f});
     std::fill(m2p, m2p + nthreads * tm, ninf);
     const uint16_t* hp16 = reinterpret_cast<const uint16_t*>(h_tile.data_ptr<T>());
     const c10::BFloat16* ha = reinterpret_cast<const c10::BFloat16*>(hp16);
     const uint16_t* wp16 = reinterpret_cast<const uint16_t*>(weight.data_ptr<T>());
     uint32_t* wt_base = reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>());
-    at::parallel_for(0, nfb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_claim(nfb, [&](const auto& next) {
       const int tid = at::get_thread_num();
       float* zb = zf_base + static_cast<int64_t>(tid) * tm * fcols;
-      RowStats* st = stb + static_cast<int64_t>(tid) * tm;
       float* m2t = m2p + static_cast<int64_t>(tid) * tm;
       uint32_t* buf = wt_base + static_cast<int64_t>(tid) * wstride;
-      for (int64_t blk = b0; blk < b1; ++blk) {
+      for (int64_t blk; (blk = next()) >= 0;) {
         const int64_t v0 = blk * fcols, nb = std::min(fcols, vocab - v0);
         for (int64_t q0 = 0; q0 < nb; q0 += kLdb) {  // Z block [cnt, nb] (leading dimension nb)
           const int64_t qn = std::min(kLdb, nb - q0);
@@ -1054,27 +1089,17 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         for (int64_t i = 0; i < cnt; ++i) {
           const int64_t l = lab[row_ids[start + i]] - v0;
           fold_store_avx512(zb + i * nb, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy,
-                            l >= 0 && l < nb ? l : -1, xp + i * vocab + v0, bmp[i * nfb + blk], st[i], m2t[i],
-                            picked[i]);
+                            l >= 0 && l < nb ? l : -1, xp + i * vocab + v0, stb[i * nfb + blk], m2t[i], picked[i]);
         }
       }
       bapi.release(true);
     });
     at::parallel_for(0, cnt, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        float m = ninf, m2 = ninf;
-        for (int t = 0; t < nthreads; ++t) {
-          m = std::max(m, stb[t * tm + i].m);
-          m2 = std::max(m2, m2p[t * tm + i]);
-        }
-        float s = 0.f, te = 0.f;
-        for (int t = 0; t < nthreads; ++t) {  // as the forward-only merge (a thread without blocks has m = -inf)
-          const RowStats& q = stb[t * tm + i];
-          if (q.m == ninf) continue;
-          const float f = std::exp(q.m - m);
-          s += q.s * f;
-          te += f * (q.t + (q.m - m) * q.s);
-        }
+        float m2 = ninf;
+        for (int t = 0; t < nthreads; ++t) m2 = std::max(m2, m2p[t * tm + i]);
+        const RowStats row = merge_blocks(stb + i * nfb, nfb);
+        const float m = row.m, s = row.s, te = row.t;
         const int64_t tok = row_ids[start + i];
         const float log_sum = std::log(s);
         logp_p[tok] = (picked[i] - m) - log_sum;
@@ -1090,7 +1115,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         const RowJob job{nullptr, b32, vocab, inv_t, scale, lab[tok], true, coef, nullptr, false, want_entropy,
                          ck + i * kCorrCap, cv + i * kCorrCap, cn + i, off + i};
         uint16_t* x = xp + i * vocab;
-        dz_compact_avx512(x, job, CompactRow{bmp + i * nfb, fcols, m, a, sp.c0, sp.thr, hp16 + i * dim, wp16, dim});
+        dz_compact_avx512(x, job, CompactRow{stb + i * nfb, fcols, m, a, sp.c0, sp.thr, hp16 + i * dim, wp16, dim});
         x[job.label] = bf16_bits(at_label - sp.c0);
         corr_label(job, at_label - sp.c0);
         off[i] = sp.c0;
@@ -1109,16 +1134,14 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
       RowStats* stb = reinterpret_cast<RowStats*>(st_buf.data_ptr<float>());
       float* picked = picked_buf.data_ptr<float>();
       float* zf_base = zf_buf.data_ptr<float>();
-      std::fill(stb, stb + nthreads * tm, RowStats{-std::numeric_limits<float>::infinity(), 0.f, 0.f});
       const c10::BFloat16* ha = bf16 ? reinterpret_cast<const c10::BFloat16*>(h_tile.data_ptr<T>()) : nullptr;
       const uint16_t* wp16 = bf16 ? reinterpret_cast<const uint16_t*>(weight.data_ptr<T>()) : nullptr;
       uint32_t* wt_base = brg ? reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>()) : nullptr;
       const at::Tensor wd = weight.detach();  // ATen GEMMs on the worker threads, where grad mode is not inherited
-      at::parallel_for(0, (vocab + fcols - 1) / fcols, 1, [&](int64_t b0, int64_t b1) {
+      parallel_claim(nfb, [&](const auto& next) {
         const int tid = at::get_thread_num();
         float* zb = zf_base + static_cast<int64_t>(tid) * tm * fcols;
-        RowStats* st = stb + static_cast<int64_t>(tid) * tm;
-        for (int64_t blk = b0; blk < b1; ++blk) {
+        for (int64_t blk; (blk = next()) >= 0;) {
           const int64_t v0 = blk * fcols, nb = std::min(fcols, vocab - v0);
           if (brg) {  // Z block [cnt, nb] (leading dimension nb), 64 columns per packed block of W
 #if GRAO_X86
@@ -1138,14 +1161,16 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
           }
           for (int64_t i = 0; i < cnt; ++i) {
             float* zr = zb + i * nb;
+            RowStats& st = stb[i * nfb + blk];
+            st = RowStats{-std::numeric_limits<float>::infinity(), 0.f, 0.f};
 #if GRAO_X86
             if (vec) {
-              fold_avx512(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st[i]);
+              fold_avx512(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st);
             } else {
-              fold_scalar(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st[i]);
+              fold_scalar(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st);
             }
 #else
-            fold_scalar(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st[i]);
+            fold_scalar(zr, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy, st);
 #endif
             const int64_t l = lab[row_ids[start + i]] - v0;
             if (l >= 0 && l < nb) picked[i] = zr[l];  // scaled in place by the fold
@@ -1153,17 +1178,9 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         }
         if (brg) bapi.release(true);
       });
-      for (int64_t i = 0; i < cnt; ++i) {  // merge the threads' statistics (a thread without blocks has m = -inf)
-        float m = -std::numeric_limits<float>::infinity();
-        for (int t = 0; t < nthreads; ++t) m = std::max(m, stb[t * tm + i].m);
-        float s = 0.f, te = 0.f;
-        for (int t = 0; t < nthreads; ++t) {
-          const RowStats& q = stb[t * tm + i];
-          if (q.m == -std::numeric_limits<float>::infinity()) continue;
-          const float f = std::exp(q.m - m);
-          s += q.s * f;
-          te += f * (q.t + (q.m - m) * q.s);
-        }
+      for (int64_t i = 0; i < cnt; ++i) {
+        const RowStats row = merge_blocks(stb + i * nfb, nfb);
+        const float m = row.m, s = row.s, te = row.t;
         const int64_t tok = row_ids[start + i];
         const float log_sum = std::log(s);
         logp_p[tok] = (picked[i] - m) - log_sum;
@@ -1190,10 +1207,10 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
       const uint16_t* wp16 = reinterpret_cast<const uint16_t*>(weight.data_ptr<T>());
       const c10::BFloat16* ha = reinterpret_cast<const c10::BFloat16*>(hp16);
       uint32_t* wt_base = reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>());
-      at::parallel_for(0, (vocab + kLdb - 1) / kLdb, 1, [&](int64_t b0, int64_t b1) {
+      parallel_claim((vocab + kLdb - 1) / kLdb, [&](const auto& next) {
         uint32_t* buf = wt_base + static_cast<int64_t>(at::get_thread_num()) * wstride;
         const c10::BFloat16* bb = reinterpret_cast<const c10::BFloat16*>(buf);
-        for (int64_t blk = b0; blk < b1; ++blk) {
+        for (int64_t blk; (blk = next()) >= 0;) {
           const int64_t v0 = blk * kLdb, nb = std::min(kLdb, vocab - v0);
           pack_wt_block(wp16 + v0 * dim, dim, nb, buf);
           for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
@@ -1241,27 +1258,29 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
       at::Tensor dh_tile = dh_buf.narrow(0, 0, cnt);
       if (brg) {
 #if GRAO_X86
-        // dh_tile [cnt, D] = dz W: threads over chunks of kc vocabulary rows, each zipping its chunk of W into
-        // pairs (pack_w_pairs) and adding dz[:, chunk] W[chunk] into its own fp32 partial (zeroed first: a thread
-        // may get no chunk); the partials are summed. An odd V's last row is a rank-1 update (K must be even).
+        // dh_tile [cnt, D] = dz W: threads over groups of chunks of kc vocabulary rows, zipping each chunk of W into
+        // pairs (pack_w_pairs) and adding dz[:, chunk] W[chunk] into the group's fp32 partial (zeroed first); the
+        // partials are summed in group order. An odd V's last row is a rank-1 update (K must be even).
         float* parts = dh_part.data_ptr<float>();
-        std::fill(parts, parts + nthreads * cnt * dim, 0.f);
+        std::fill(parts, parts + dh_groups * cnt * dim, 0.f);
         const uint16_t* wp16 = reinterpret_cast<const uint16_t*>(weight.data_ptr<T>());
         const c10::BFloat16* da = reinterpret_cast<const c10::BFloat16*>(dz16);
         uint32_t* wt_base = reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>());
-        const int64_t veven = vocab / 2 * 2, nchunk = (veven + kc - 1) / kc;
-        at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+        const int64_t veven = vocab / 2 * 2;
+        parallel_claim(dh_groups, [&](const auto& next) {
           const int tid = at::get_thread_num();
           uint32_t* buf = wt_base + tid * wstride;
-          float* part = parts + tid * cnt * dim;
-          for (int64_t ch = c0; ch < c1; ++ch) {
-            const int64_t k0 = ch * kc, kk = std::min(kc, veven - k0);
-            pack_w_pairs(wp16 + k0 * dim, dim, kk, buf);
-            const c10::BFloat16* wb = reinterpret_cast<const c10::BFloat16*>(buf);
-            for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
-              for (int64_t d0 = 0; d0 < dim; d0 += kLdb) {
-                bapi.gemm(std::min(kBrgRows, cnt - m0), std::min(kLdb, dim - d0), kk, ld16, kLdb, dim, true,
-                          da + m0 * ld16 + k0, wb + d0 / kLdb * kk * kLdb, part + m0 * dim + d0, true);
+          for (int64_t grp; (grp = next()) >= 0;) {
+            float* part = parts + grp * cnt * dim;
+            for (int64_t ch = grp * dh_chunks / dh_groups; ch < (grp + 1) * dh_chunks / dh_groups; ++ch) {
+              const int64_t k0 = ch * kc, kk = std::min(kc, veven - k0);
+              pack_w_pairs(wp16 + k0 * dim, dim, kk, buf);
+              const c10::BFloat16* wb = reinterpret_cast<const c10::BFloat16*>(buf);
+              for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
+                for (int64_t d0 = 0; d0 < dim; d0 += kLdb) {
+                  bapi.gemm(std::min(kBrgRows, cnt - m0), std::min(kLdb, dim - d0), kk, ld16, kLdb, dim, true,
+                            da + m0 * ld16 + k0, wb + d0 / kLdb * kk * kLdb, part + m0 * dim + d0, true);
+                }
               }
             }
           }
@@ -1273,7 +1292,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
             float* dst = dhp0 + i * dim;
             for (int64_t d = 0; d < dim; ++d) {
               float acc = 0.f;
-              for (int t = 0; t < nthreads; ++t) acc += parts[(t * cnt + i) * dim + d];
+              for (int64_t q = 0; q < dh_groups; ++q) acc += parts[(q * cnt + i) * dim + d];
               dst[d] = acc;
             }
             if (veven < vocab) {
@@ -1332,7 +1351,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         pack_h_pairs(reinterpret_cast<const uint16_t*>(hp), cnt, dim, kp,
                      reinterpret_cast<uint32_t*>(h_pack.data_ptr<int32_t>()));
       }
-      at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      parallel_claim(nblk, [&](const auto& next) {
         const int tid = at::get_thread_num();
         float* c = cbase + static_cast<int64_t>(tid) * vb * dim;
         // rows [r0, r0 + nr) of dW, their fp32 GEMM result in c: the corrections, then the hi / lo update
@@ -1355,7 +1374,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
 #endif
           acc_hilo_scalar(hip + r0 * dim, lop + r0 * dim, c, u, nr, dim);
         };
-        for (int64_t blk = b0; blk < b1; ++blk) {
+        for (int64_t blk; (blk = next()) >= 0;) {
           const int64_t k0 = blk * vb, kb = std::min(vb, vocab - k0);
           if (brg) {
 #if GRAO_X86

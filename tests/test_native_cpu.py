@@ -257,7 +257,8 @@ def test_compact_bf16_tile_against_fp32_tile(case):
     (csrc/grao_cpu.cpp, fold_store_avx512 / dz_compact_avx512), with twice the rows per tile. Against float64: no
     worse than the chunked path, and as close as the fp32 logits tile it replaced (isa bit 16) -- over several ragged
     vocabulary blocks, one block, rows with nearly equal logits (the flat-row offset), large logits (exact
-    corrections), a bias (without its gradient) with a whole block of -inf logits, temperature and entropy."""
+    corrections), a bias (without its gradient) with whole blocks of -inf logits, temperature and entropy; and the
+    forward-only pass, whose online softmax folds blocks of the same kind."""
     module = cpu_native.load_native()
     if not module.has_brgemm():
         pytest.skip("the compact tile runs with brgemm (AMX CPUs)")
@@ -266,9 +267,9 @@ def test_compact_bf16_tile_against_fp32_tile(case):
                           "inf_bias_block": (300, 40, 1000, 256)}[case]
     scale = {"flat_rows": 1e-3, "large_logits": 30.0}.get(case, 1.0)
     hidden, weight, bias, labels = problem(n=n, d=d, v=v, seed=13, scale=scale, bias=case == "inf_bias_block")
-    if case == "inf_bias_block":  # fold blocks are 256 columns at 512-row tiles: block 1 entirely -inf
-        bias[256:512] = -math.inf
-        labels[(labels >= 256) & (labels < 512)] = 7
+    if case == "inf_bias_block":  # fold blocks: 256 columns at 512-row tiles, 512 in the forward's 256-row ones
+        bias[:512] = -math.inf
+        labels[(labels >= 0) & (labels < 512)] = 700
     grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(6))
     h, w = hidden.to(BF16), weight.to(BF16)
     b = None if bias is None else bias.to(BF16)
@@ -287,6 +288,8 @@ def test_compact_bf16_tile_against_fp32_tile(case):
             c, f, e, r = (t * active for t in (c, f, e, r))
         assert_no_worse_than_eager(c, e, r, atol=atol, rtol=rtol, what=name)
         assert_no_worse_than_eager(c, f, r, atol=atol / 4, rtol=rtol / 4, what=f"{name} (compact vs fp32 tile)")
+    fwd = cpu_native.native_pass(h, w, labels, b, tile_bytes=tile_rows * 4 * v, **{**kw, "grad_logp": None})
+    assert_no_worse_than_eager(fwd.logp, chk.logp, ref.logp, atol=atol, rtol=rtol, what="forward-only logp")
 
 
 def test_compact_tile_recomputes_its_corrected_entries():
@@ -309,6 +312,24 @@ def test_compact_tile_recomputes_its_corrected_entries():
     err = {isa: ((cpu_native.native_pass(h, w, labels, None, grad_logp=grad, tile_bytes=256 * 4 * v, isa=isa, **kw)
                   .grad_hidden.double() - ref).abs() / ulp).max().item() for isa in (0, 16)}
     assert err[0] <= err[16] + 0.25, err
+
+
+def test_native_pass_is_deterministic():
+    """Threads claim vocabulary blocks and chunks dynamically (csrc/grao_cpu.cpp, parallel_claim), so which thread
+    does what differs from call to call; every sum is still formed in a fixed order (per-block softmax statistics
+    merged in block order, dh partials per fixed group of chunks): repeated calls give bitwise equal results."""
+    hidden, weight, _, labels = problem(n=600, d=256, v=3000, seed=21, bias=False)
+    grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(8))
+    for dtype in (torch.float32, BF16):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        kw = {"temperature": 0.9, "ignore_index": IGN, "return_entropy": True}
+        for g in (grad, None):  # with gradients, forward only
+            first, *rest = (cpu_native.native_pass(h, w, labels, None, tile_bytes=256 * 4 * 3000, grad_logp=g, **kw)
+                            for _ in range(10))
+            for again in rest:
+                for name in ("logp", "lse", "entropy", "grad_hidden", "grad_weight"):
+                    x, y = getattr(first, name), getattr(again, name)
+                    assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), (dtype, name, g is None)
 
 
 def test_bf16_weight_grad_over_many_tiles_is_rounded_once():

@@ -21,6 +21,7 @@ ukernel on AMX CPUs (found in libtorch at run time), else MKL's bf16 GEMM, else 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -32,7 +33,8 @@ from grao_kernels._checks import GRAOInputError
 
 CPU_PATH_ENV = "GRAO_KERNELS_CPU"
 CPU_PATHS = ("auto", "native", "chunked")
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "grao_cpu.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = CSRC / "grao_cpu.cpp"  # the one translation unit; it includes csrc/*.h
 #: Extension name; bump the suffix when the C++ interface changes (the cache is keyed by name and source).
 EXTENSION_NAME = "grao_kernels_cpu_v2"
 #: fp32 logits workspace per tile ([tile rows x V]), allocated once per call and independent of N. Each tile's
@@ -60,13 +62,23 @@ def cpu_path() -> str:
     return value
 
 
+def source_digest() -> str:
+    """A digest of every file of csrc/ the build reads. torch's extension cache rebuilds when the listed sources or
+    the flags change, and does not look at included headers: the digest goes into the flags."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.glob("*.h")) + [SOURCE]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _build():
     if not SOURCE.is_file():
         raise FileNotFoundError(f"{SOURCE} is missing (the native kernel needs the source tree)")
     from torch.utils.cpp_extension import load
 
-    return load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
+    return load(name=EXTENSION_NAME, sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-fopenmp", f"-DGRAO_CSRC_DIGEST={source_digest()}"],
+                extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def load_native():

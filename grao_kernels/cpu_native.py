@@ -39,10 +39,11 @@ SOURCE = CSRC / "grao_cpu.cpp"  # the one translation unit; it includes csrc/*.h
 EXTENSION_NAME = "grao_kernels_cpu_v2"
 #: fp32 logits workspace per tile ([tile rows x V]), allocated once per call and independent of N. Each tile's
 #: GEMMs re-read (and the BLAS re-packs) the whole [V, D] weight and read-modify-write dW (fp32, or bf16 plus
-#: its int8 residual: csrc/grao_cpu.cpp, acc_hilo), so that
+#: its int8 residual: csrc/hilo.h), so that
 #: overhead falls as 1 / rows; at V = 32000 this budget gives 256-row tiles (measured on a 2-core Xeon under
 #: load, fp32 N=4096: 64-row tiles ~1.9x slower than 256-row ones, 512 rows no better) at 2% of eager's
-#: [N x V] memory at N = 4096. MIN_TILE_ROWS keeps large vocabularies (V = 152k: 128 rows, 74 MiB) efficient.
+#: [N x V] memory at N = 4096; bf16 passes with gradients keep 2 bytes per logit there (the compact tile), so the
+#: same budget holds twice the rows. MIN_TILE_ROWS keeps large vocabularies (V = 152k: 128 rows, 74 MiB) efficient.
 TILE_BYTES = 32 * 2**20
 MIN_TILE_ROWS = 128
 DTYPES = (torch.float32, torch.bfloat16)
@@ -155,7 +156,7 @@ def native_pass(hidden, weight, labels, bias, *, temperature, ignore_index, retu
     (CPUs without AVX-512), 2 ATen's GEMMs for bf16 (torch without MKL's bf16 GEMM), 4 MKL's bf16 GEMM instead of
     oneDNN's brgemm (CPUs without AMX), 8 a forward-only pass through a [tile x V] logits buffer, as the passes with
     gradients, instead of its online softmax over vocabulary blocks, 16 a bf16 pass with gradients through the fp32
-    [tile x V] logits buffer instead of the compact tile of fp16 exponentials (twice the rows; csrc/grao_cpu.cpp).
+    [tile x V] logits buffer instead of the compact tile of fp16 exponentials (twice the rows; csrc/compact.h).
     """
     from grao_kernels._chunked import ChunkedResult
 

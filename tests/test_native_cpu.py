@@ -254,7 +254,7 @@ def test_brgemm_gemms_against_float64(shape, bias):
 @pytest.mark.parametrize("case", ["blocks", "one_block", "flat_rows", "large_logits", "inf_bias_block"])
 def test_compact_bf16_tile_against_fp32_tile(case):
     """bf16 with gradients keeps its tile as fp16 exponentials, one block max per row and vocabulary block
-    (csrc/grao_cpu.cpp, fold_store_avx512 / dz_compact_avx512), with twice the rows per tile. Against float64: no
+    (csrc/compact.h, fold_store_avx512 / dz_compact_avx512), with twice the rows per tile. Against float64: no
     worse than the chunked path, and as close as the fp32 logits tile it replaced (isa bit 16) -- over several ragged
     vocabulary blocks, one block, rows with nearly equal logits (the flat-row offset), large logits (exact
     corrections), a bias (without its gradient) with whole blocks of -inf logits, temperature and entropy; and the
@@ -315,7 +315,7 @@ def test_compact_tile_recomputes_its_corrected_entries():
 
 
 def test_native_pass_is_deterministic():
-    """Threads claim vocabulary blocks and chunks dynamically (csrc/grao_cpu.cpp, parallel_claim), so which thread
+    """Threads claim vocabulary blocks and chunks dynamically (csrc/common.h, parallel_claim), so which thread
     does what differs from call to call; every sum is still formed in a fixed order (per-block softmax statistics
     merged in block order, dh partials per fixed group of chunks): repeated calls give bitwise equal results."""
     hidden, weight, _, labels = problem(n=600, d=256, v=3000, seed=21, bias=False)

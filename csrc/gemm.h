@@ -268,6 +268,12 @@ GRAO_AVX512 void pack_w_pairs(const uint16_t* w, int64_t dim, int64_t kk, uint32
 // B of the dW blocks: h_tile [cnt, D] in the VNNI layout, per column block of 64 (out + db * kp / 2 * 64):
 // element (p, j) = (h[2p, 64 db + j], h[2p + 1, 64 db + j]); zero beyond cnt rows or D columns. Once per tile.
 void pack_h_pairs(const uint16_t* h, int64_t cnt, int64_t dim, int64_t kp, uint32_t* out) {
+#if GRAO_X86
+  if (cnt == kp && cpu_has_avx512()) {  // no padding rows: the same layout as W's pairs (a full tile)
+    pack_w_pairs(h, dim, kp, out);
+    return;
+  }
+#endif
   for (int64_t d0 = 0; d0 < dim; d0 += kLdb) {
     uint32_t* o = out + d0 / kLdb * (kp / 2) * kLdb;
     for (int64_t p = 0; p < kp / 2; ++p) {

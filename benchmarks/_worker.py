@@ -24,7 +24,8 @@ def main(argv: list[str]) -> int:
     if spec.get("paired_flops") and result["status"] == "ok" and spec.get("device", "cpu") == "cpu":
         from benchmarks.common import paired_floor
 
-        result["paired"] = paired_floor(spec["impl"], point, float(spec["paired_flops"]), seed=spec.get("seed", 0))
+        result["paired"] = paired_floor(spec["impl"], point, float(spec["paired_flops"]), seed=spec.get("seed", 0),
+                                        pairs=int(spec.get("pairs", 7)))
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0

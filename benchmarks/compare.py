@@ -85,11 +85,11 @@ def sweep_points(device: str, sweep: str) -> list[Point]:
 # ------------------------------------------------------------------------------------------ running
 
 def run_cpu_worker(impl: str, p: Point, *, warmup: int, repeats: int, timeout: float,
-                   budget_bytes: int | None = None, paired_flops: float | None = None) -> dict:
+                   budget_bytes: int | None = None, paired_flops: float | None = None, pairs: int = 7) -> dict:
     """One measurement in a fresh Python process (so peak RSS belongs to that implementation alone);
-    ``paired_flops``: also time against that many FLOPs of matmul, pair by pair (``benchmarks._worker``)."""
+    ``paired_flops``: also time against that many FLOPs of matmul, ``pairs`` pairs (``benchmarks._worker``)."""
     spec = dict(p.to_dict(), impl=impl, device="cpu", warmup=warmup, repeats=repeats, budget_bytes=budget_bytes,
-                paired_flops=paired_flops)
+                paired_flops=paired_flops, pairs=pairs)
     cmd = [sys.executable, "-m", "benchmarks._worker", json.dumps(spec)]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -1,6 +1,6 @@
 """The native CPU kernel against its targets (issue 11), every number from one run on this machine.
 
-    python -m benchmarks.native_cpu            # ~5 min on 2 cores -> benchmarks/results/cpu/native.{json,md}
+    python -m benchmarks.native_cpu            # ~15 min on 2 cores -> benchmarks/results/cpu/native.{json,md}
 
 At N=4096 (P=1, G=7, T=512), D=512, V=32000, fp32 and bf16, forward + backward of
 
@@ -8,7 +8,7 @@ At N=4096 (P=1, G=7, T=512), D=512, V=32000, fp32 and bf16, forward + backward o
 * ``linear_logprob`` + ``reference.grao_loss`` (``logprob`` native, ``logprob_chunked``),
 
 each in its own process (``benchmarks.compare.run_cpu_worker``: median of 3 after a warm-up, peak RSS), plus
-the native rows at N = 1024 ... 8192 (fp32) to show that the extra memory does not grow with N. Every token
+the native rows at N = 1024 ... 8192 (fp32 and bf16) to show that the extra memory does not grow with N. Every token
 is a completion token, as in ``benchmarks.compare``.
 
 Reported per row: time; time / floor, where floor = FLOPs / this machine's matmul rate measured right before
@@ -36,6 +36,9 @@ from benchmarks.common import MIB, Point, environment
 from benchmarks.compare import ROOT, run_cpu_worker
 
 IMPLS = ("eager", "fused", "fused_chunked", "logprob", "logprob_chunked")
+#: pairs per row of the paired time / floor (benchmarks.common.paired_floor): single pairs here ranged 0.7x-1.45x
+#: of their median within a minute, so the median of 7 could move by a tenth
+PAIRS = 15
 FLOPS_PER_NDV = {"eager": 6, "fused": 6, "fused_chunked": 6, "logprob": 8, "logprob_chunked": 8}
 
 
@@ -65,13 +68,14 @@ def main(argv=None) -> int:
     print(f"# {env['date']} load {env['load1_start']:.2f}; matmul GFLOP/s "
           + ", ".join(f"{k} {v[0] / 1e9:.0f}" for k, v in rates.items()), flush=True)
     jobs = [(impl, Point("headline", 1, 7, 512, 512, 32000, dt)) for dt in ("fp32", "bf16") for impl in IMPLS]
-    jobs += [(impl, Point("N", 1, 7, t, 512, 32000)) for impl in ("fused", "logprob") for t in (128, 256, 1024)]
+    jobs += [(impl, Point("N", 1, 7, t, 512, 32000, dt)) for dt in ("fp32", "bf16") for impl in ("fused", "logprob")
+             for t in (128, 256, 1024)]
     rows = []
     latest = {dt: v[0] for dt, v in rates.items()}  # the rate measured last, while nothing ran since, per dtype
     for impl, p in jobs:
         before = latest.pop(p.dtype, None) or matmul_rate(p.dtype)
         res = run_cpu_worker(impl, p, warmup=1, repeats=3, timeout=600,
-                             paired_flops=FLOPS_PER_NDV[impl] * p.N * p.D * p.V)
+                             paired_flops=FLOPS_PER_NDV[impl] * p.N * p.D * p.V, pairs=PAIRS)
         latest = {p.dtype: matmul_rate(p.dtype)}  # the next row of this dtype starts from it
         res.update(point=p.to_dict(), load1_after=load1(), matmul_rate_adjacent=[before, latest[p.dtype]])
         rows.append(res)
@@ -124,7 +128,7 @@ def markdown(env: dict, rates: dict, rows: list[dict]) -> str:
     method = ("Forward + backward; every token a completion token. Floor = FLOPs / matmul rate, FLOPs = 6 N D V "
               "(fused GRAO loss) or 8 N D V (linear_logprob, whose backward recomputes the logits; eager is charged "
               "6). Extra memory = peak RSS above the inputs minus dhidden + dweight.")
-    paired = ("\"Paired time / floor\" is measured in the worker after the memory run: 7 pairs, each one forward + "
+    paired = (f"\"Paired time / floor\" is measured in the worker after the memory run: {PAIRS} pairs, each one forward + "
               "backward, then the row's FLOPs of [1024 x D] x [D x V] products in the row's dtype; the median of the "
               "per-pair ratios. The machine's speed drifts on a scale of seconds to minutes (this VM shares its host), "
               "and a pair a second apart sees the same speed: this is the column to read for the time target.")

@@ -26,23 +26,8 @@ namespace {
 // (grad_split's flat-row test).
 GRAO_AVX512 void fold_store_avx512(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy,
                                    int64_t label, uint16_t* x, RowStats& st, float& m2, float& picked) {
-  const int64_t full = n / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
-  const __m512 vt = _mm512_set1_ps(inv_t);
   const float ninf = -std::numeric_limits<float>::infinity();
-  __m512 vm = _mm512_set1_ps(ninf);
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
-    __m512 v = _mm512_maskz_loadu_ps(mk, z + k);
-    if (scale) {
-      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + k));
-      v = _mm512_mul_ps(v, vt);
-      _mm512_mask_storeu_ps(z + k, mk, v);
-    }
-    const __mmask16 mm = label >= k && label < k + 16 ? static_cast<__mmask16>(mk & ~(1u << (label - k))) : mk;
-    vm = _mm512_mask_max_ps(vm, mm, vm, v);
-  }
-  const float nl = _mm512_reduce_max_ps(vm);
+  const float nl = scale_max_avx512(z, n, bias, inv_t, scale, label);  // the largest non-label logit
   float bm = nl;
   if (label >= 0) {
     const float lv = z[label];
@@ -55,18 +40,7 @@ GRAO_AVX512 void fold_store_avx512(float* z, int64_t n, const float* bias, float
     std::memset(x, 0, n * sizeof(uint16_t));
     return;
   }
-  const __m512 vmax = _mm512_set1_ps(bm);
-  __m512 vs = _mm512_setzero_ps(), vt2 = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 mk = k < full ? static_cast<__mmask16>(0xffff) : tail;
-    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, z + k), vmax);
-    const __m512 e = _mm512_maskz_mov_ps(mk, exp_avx512(d));
-    vs = _mm512_add_ps(vs, e);
-    if (entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
-    _mm256_mask_storeu_epi16(x + k, mk, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  st.s = _mm512_reduce_add_ps(vs);
-  if (entropy) st.t = _mm512_reduce_add_ps(vt2);
+  exp_sum_avx512(z, n, bm, entropy, false, st.s, st.t, x);
 }
 
 // fp32 dot of a bf16 row of h and a bf16 row of W (the exact recomputation of a corrected entry's logit)

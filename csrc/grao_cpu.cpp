@@ -161,6 +161,18 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
   int32_t* cn = corr ? corr_n.data_ptr<int32_t>() : nullptr;
   float* off = corr ? offs.data_ptr<float>() : nullptr;
 
+  const auto store_row = [&](int64_t tok, const RowOut& o) {  // a row's results into the outputs, at its token
+    logp_p[tok] = o.logp;
+    lse_p[tok] = o.max;
+    lse_p[n_tok + tok] = o.log_sum;
+    if (ent_p) ent_p[tok] = o.entropy;
+  };
+  // A folded row (forward only, compact tile): its blocks' statistics merged, its results written out for token tok
+  const auto finish_row = [&](const RowStats* blocks, float picked, int64_t tok) {
+    const RowStats row = merge_blocks(blocks, nfb);
+    store_row(tok, row_result(row.m, row.s, row.t, picked, want_entropy));
+    return row;
+  };
 #if GRAO_X86
   // A compact tile (bf16 with gradients; fold_store_avx512): threads over blocks of fcols vocabulary columns, each
   // block's logits for the tile's rows computed into the thread's cache-sized buffer and folded there, only their
@@ -205,14 +217,9 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
       for (int64_t i; (i = next()) >= 0;) {
         float m2 = ninf;
         for (int t = 0; t < nthreads; ++t) m2 = std::max(m2, m2p[t * tm + i]);
-        const RowStats row = merge_blocks(stb + i * nfb, nfb);
-        const float m = row.m, s = row.s, te = row.t;
         const int64_t tok = row_ids[start + i];
-        const float log_sum = std::log(s);
-        logp_p[tok] = (picked[i] - m) - log_sum;
-        lse_p[tok] = m;
-        lse_p[n_tok + tok] = log_sum;
-        if (ent_p) ent_p[tok] = log_sum - te / s;
+        const RowStats row = finish_row(stb + i * nfb, picked[i], tok);
+        const float m = row.m, s = row.s;
         const float coef = static_cast<float>(g[tok] / temperature);
         const float a = -coef / s;
         const float e_label = std::exp(picked[i] - m);
@@ -285,16 +292,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
         }
         if (brg) bapi.release(true);
       });
-      for (int64_t i = 0; i < cnt; ++i) {
-        const RowStats row = merge_blocks(stb + i * nfb, nfb);
-        const float m = row.m, s = row.s, te = row.t;
-        const int64_t tok = row_ids[start + i];
-        const float log_sum = std::log(s);
-        logp_p[tok] = (picked[i] - m) - log_sum;
-        lse_p[tok] = m;
-        lse_p[n_tok + tok] = log_sum;
-        if (ent_p) ent_p[tok] = log_sum - te / s;
-      }
+      for (int64_t i = 0; i < cnt; ++i) finish_row(stb + i * nfb, picked[i], row_ids[start + i]);
       continue;
     }
     at::Tensor z_tile = compact ? at::Tensor() : z_buf.narrow(0, 0, cnt);
@@ -348,10 +346,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
 #else
         const RowOut o = row_scalar(job);
 #endif
-        logp_p[tok] = o.logp;
-        lse_p[tok] = o.max;
-        lse_p[n_tok + tok] = o.log_sum;
-        if (ent_p) ent_p[tok] = o.entropy;
+        store_row(tok, o);
       }
     });
     if (!grads) continue;

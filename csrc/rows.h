@@ -46,6 +46,12 @@ struct RowOut {
   float max, log_sum, logp, entropy;
 };
 
+// A row's results from its max m, s = sum exp(z - m), t = sum exp(z - m) (z - m) and the label's scaled logit.
+inline RowOut row_result(float m, float s, float t, float picked, bool entropy) {
+  const float log_sum = std::log(s);
+  return {m, log_sum, (picked - m) - log_sum, entropy ? log_sum - t / s : 0.f};
+}
+
 struct GradSplit {
   float c0, thr;  // the row's offset and correction threshold
 };
@@ -118,11 +124,7 @@ RowOut row_scalar(const RowJob& j) {
     if (j.entropy) t += e * d;
     if (j.grads) z[k] = e;
   }
-  RowOut out;
-  out.max = m;
-  out.log_sum = std::log(s);
-  out.logp = (picked - m) - out.log_sum;
-  out.entropy = j.entropy ? out.log_sum - t / s : 0.f;
+  const RowOut out = row_result(m, s, t, picked, j.entropy);
   if (j.grads) {
     const float alpha = -j.coef / s;
     const float at_label = z[j.label] * alpha + j.coef;
@@ -195,10 +197,11 @@ GRAO_AVX512 inline __m256i to_bf16_avx512(__m512 v) {
 }
 
 // One pass over a row's (scaled) logits z[0, n): sum of e = exp(z - m) and, when asked, of e * (z - m) (the
-// entropy's numerator); with ``store`` e is written over z (the fused row turns it into dz in place). Shared
-// by the fused row kernel and the forward-only online softmax (fold_avx512).
+// entropy's numerator); with ``store`` e is written over z (the fused row turns it into dz in place), with ``half``
+// e goes there in fp16 (the compact tile). Shared by the fused row kernel, the forward-only online softmax
+// (fold_avx512) and the compact tile's fold (fold_store_avx512).
 GRAO_AVX512 inline void exp_sum_avx512(float* z, int64_t n, float m, bool entropy, bool store, float& sum,
-                                       float& dsum) {
+                                       float& dsum, uint16_t* half = nullptr) {
   const int64_t full = n / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
   const __m512 vmax = _mm512_set1_ps(m);
@@ -210,6 +213,7 @@ GRAO_AVX512 inline void exp_sum_avx512(float* z, int64_t n, float m, bool entrop
     vs = _mm512_add_ps(vs, e);
     if (entropy) vt2 = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(mk, d), vt2);
     if (store) _mm512_mask_storeu_ps(z + k, mk, e);
+    if (half) _mm256_mask_storeu_epi16(half + k, mk, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   sum = _mm512_reduce_add_ps(vs);
   dsum = entropy ? _mm512_reduce_add_ps(vt2) : 0.f;
@@ -252,11 +256,7 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
   const float picked = z[j.label];
   float s, t;
   exp_sum_avx512(z, n, m, j.entropy, j.grads, s, t);
-  RowOut out;
-  out.max = m;
-  out.log_sum = std::log(s);
-  out.logp = (picked - m) - out.log_sum;
-  out.entropy = j.entropy ? out.log_sum - t / s : 0.f;
+  const RowOut out = row_result(m, s, t, picked, j.entropy);
   if (j.grads) {
     // one sweep: dz = e * alpha (+ coef at the label), written as fp32 in place and / or as bf16
     const float a = -j.coef / s;
@@ -351,8 +351,10 @@ void fold_scalar(float* z, int64_t n, const float* bias, float inv_t, bool scale
 }
 
 #if GRAO_X86
-GRAO_AVX512 void fold_avx512(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy,
-                             RowStats& st) {
+// A block of logits z[0, n) scaled in place by (z + bias) / T when `scale`, and its max, leaving out entry `skip`
+// (-1: none).
+GRAO_AVX512 inline float scale_max_avx512(float* z, int64_t n, const float* bias, float inv_t, bool scale,
+                                          int64_t skip) {
   const int64_t full = n / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
   const __m512 vt = _mm512_set1_ps(inv_t);
@@ -365,9 +367,15 @@ GRAO_AVX512 void fold_avx512(float* z, int64_t n, const float* bias, float inv_t
       v = _mm512_mul_ps(v, vt);
       _mm512_mask_storeu_ps(z + k, mk, v);
     }
-    vm = _mm512_mask_max_ps(vm, mk, vm, v);
+    const __mmask16 mm = skip >= k && skip < k + 16 ? static_cast<__mmask16>(mk & ~(1u << (skip - k))) : mk;
+    vm = _mm512_mask_max_ps(vm, mm, vm, v);
   }
-  const float bm = _mm512_reduce_max_ps(vm);
+  return _mm512_reduce_max_ps(vm);
+}
+
+GRAO_AVX512 void fold_avx512(float* z, int64_t n, const float* bias, float inv_t, bool scale, bool entropy,
+                             RowStats& st) {
+  const float bm = scale_max_avx512(z, n, bias, inv_t, scale, -1);
   if (bm == -std::numeric_limits<float>::infinity()) return;  // a block of -inf logits adds nothing
   stats_rescale(st, bm);
   float s, t;

@@ -214,6 +214,20 @@ GRAO_AVX512 void pack_wt_block(const uint16_t* w, int64_t dim, int64_t nb, uint3
   }
 }
 
+// Z [cnt, nb] = h W[0, nb)^T into z (leading dimension ldz), h [cnt, D] bf16 and w the first of nb rows of W: 64
+// vocabulary rows at a time, each packed into buf (pack_wt_block) and then used by all cnt rows, kBrgRows at a time.
+inline void brgemm_logits(const BrgemmApi& api, const c10::BFloat16* h, int64_t cnt, int64_t dim, const uint16_t* w,
+                          int64_t nb, uint32_t* buf, float* z, int64_t ldz) {
+  for (int64_t q0 = 0; q0 < nb; q0 += kLdb) {
+    const int64_t qn = std::min(kLdb, nb - q0);
+    pack_wt_block(w + q0 * dim, dim, qn, buf);
+    for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
+      api.gemm(std::min(kBrgRows, cnt - m0), qn, dim, dim, kLdb, ldz, false, h + m0 * dim,
+               reinterpret_cast<const c10::BFloat16*>(buf), z + m0 * ldz + q0, true);
+    }
+  }
+}
+
 // A of the dW block: its rows [k0, k0 + kb) of dz^T, dzt[k * kp + i] = dz[i, k0 + k], i < cnt; zero for
 // cnt <= i < kp (kp: cnt rounded up to 32). Pairs of dz rows are zipped into 32-bit elements and 16 x 16 blocks of
 // those transposed, which is the 16-bit transpose.

@@ -189,14 +189,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
       uint32_t* buf = wt_base + static_cast<int64_t>(tid) * wstride;
       for (int64_t blk; (blk = next()) >= 0;) {
         const int64_t v0 = blk * fcols, nb = std::min(fcols, vocab - v0);
-        for (int64_t q0 = 0; q0 < nb; q0 += kLdb) {  // Z block [cnt, nb] (leading dimension nb)
-          const int64_t qn = std::min(kLdb, nb - q0);
-          pack_wt_block(wp16 + (v0 + q0) * dim, dim, qn, buf);
-          for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
-            bapi.gemm(std::min(kBrgRows, cnt - m0), qn, dim, dim, kLdb, nb, false, ha + m0 * dim,
-                      reinterpret_cast<const c10::BFloat16*>(buf), zb + m0 * nb + q0, true);
-          }
-        }
+        brgemm_logits(bapi, ha, cnt, dim, wp16 + v0 * dim, nb, buf, zb, nb);  // Z block [cnt, nb]
         for (int64_t i = 0; i < cnt; ++i) {
           const int64_t l = lab[row_ids[start + i]] - v0;
           fold_store_avx512(zb + i * nb, nb, b32 ? b32 + v0 : nullptr, inv_t, scale, want_entropy,
@@ -222,9 +215,7 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
                          ck + i * kCorrCap, cv + i * kCorrCap, cn + i, off + i};
         uint16_t* x = xp + i * vocab;
         dz_compact_avx512(x, job, CompactRow{stb + i * nfb, fcols, m, a, sp.c0, sp.thr, hp16 + i * dim, wp16, dim});
-        x[job.label] = bf16_bits(at_label - sp.c0);
-        corr_label(job, at_label - sp.c0);
-        off[i] = sp.c0;
+        label_entry(job, x, at_label, sp.c0, true);
       }
     });
   };
@@ -251,15 +242,8 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
           const int64_t v0 = blk * fcols, nb = std::min(fcols, vocab - v0);
           if (brg) {  // Z block [cnt, nb] (leading dimension nb), 64 columns per packed block of W
 #if GRAO_X86
-            uint32_t* buf = wt_base + static_cast<int64_t>(tid) * wstride;
-            for (int64_t q0 = 0; q0 < nb; q0 += kLdb) {
-              const int64_t qn = std::min(kLdb, nb - q0);
-              pack_wt_block(wp16 + (v0 + q0) * dim, dim, qn, buf);
-              for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
-                bapi.gemm(std::min(kBrgRows, cnt - m0), qn, dim, dim, kLdb, nb, false, ha + m0 * dim,
-                          reinterpret_cast<const c10::BFloat16*>(buf), zb + m0 * nb + q0, true);
-              }
-            }
+            brgemm_logits(bapi, ha, cnt, dim, wp16 + v0 * dim, nb, wt_base + static_cast<int64_t>(tid) * wstride, zb,
+                          nb);
 #endif
           } else {
             gemm_rm(false, true, cnt, nb, dim, h_tile, wd.narrow(0, v0, nb), 0.f,
@@ -300,20 +284,14 @@ std::vector<at::Tensor> pass_impl(const at::Tensor& hidden, const at::Tensor& we
 #if GRAO_X86
       // Z [cnt, V] = h W^T: threads over blocks of 64 vocabulary rows, each packed (pack_wt_block) then used by all
       // the tile's rows, kBrgRows at a time
-      const uint16_t* hp16 = reinterpret_cast<const uint16_t*>(h_tile.data_ptr<T>());
       const uint16_t* wp16 = reinterpret_cast<const uint16_t*>(weight.data_ptr<T>());
-      const c10::BFloat16* ha = reinterpret_cast<const c10::BFloat16*>(hp16);
+      const c10::BFloat16* ha = reinterpret_cast<const c10::BFloat16*>(h_tile.data_ptr<T>());
       uint32_t* wt_base = reinterpret_cast<uint32_t*>(w_pack.data_ptr<int32_t>());
       parallel_claim((vocab + kLdb - 1) / kLdb, [&](const auto& next) {
         uint32_t* buf = wt_base + static_cast<int64_t>(at::get_thread_num()) * wstride;
-        const c10::BFloat16* bb = reinterpret_cast<const c10::BFloat16*>(buf);
         for (int64_t blk; (blk = next()) >= 0;) {
-          const int64_t v0 = blk * kLdb, nb = std::min(kLdb, vocab - v0);
-          pack_wt_block(wp16 + v0 * dim, dim, nb, buf);
-          for (int64_t m0 = 0; m0 < cnt; m0 += kBrgRows) {
-            bapi.gemm(std::min(kBrgRows, cnt - m0), nb, dim, dim, kLdb, vocab, false, ha + m0 * dim, bb,
-                      z + m0 * vocab + v0, true);
-          }
+          const int64_t v0 = blk * kLdb;
+          brgemm_logits(bapi, ha, cnt, dim, wp16 + v0 * dim, std::min(kLdb, vocab - v0), buf, z + v0, vocab);
         }
         bapi.release(true);
       });

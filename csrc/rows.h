@@ -101,6 +101,16 @@ inline void corr_label(const RowJob& j, float at_label) {
   *j.corr_n = c;
 }
 
+// After a row's sweep, its label's entry: the bf16 dz there (d16, when kept) = bf16(at_label - c0) and, with
+// corrections, the label's correction and the row's offset c0.
+inline void label_entry(const RowJob& j, uint16_t* d16, float at_label, float c0, bool corr) {
+  if (d16) d16[j.label] = bf16_bits(at_label - c0);
+  if (corr) {
+    corr_label(j, at_label - c0);
+    *j.offset = c0;
+  }
+}
+
 RowOut row_scalar(const RowJob& j) {
   float* z = j.z;
   const int64_t n = j.vocab;
@@ -157,11 +167,7 @@ RowOut row_scalar(const RowJob& j) {
         std::memcpy(d16 + k0, res, cnt * sizeof(uint16_t));
       }
     }
-    if (d16) d16[j.label] = bf16_bits(at_label - c0);
-    if (corr) {
-      corr_label(j, at_label - c0);
-      *j.offset = c0;
-    }
+    label_entry(j, d16, at_label, c0, corr);
   }
   return out;
 }
@@ -286,11 +292,7 @@ GRAO_AVX512 RowOut row_avx512(const RowJob& j) {
       }
     }
     if (f32) z[j.label] = at_label;
-    if (d16) d16[j.label] = bf16_bits(at_label - sp.c0);
-    if (corr) {
-      corr_label(j, at_label - sp.c0);
-      *j.offset = sp.c0;
-    }
+    label_entry(j, d16, at_label, sp.c0, corr);
   }
   return out;
 }

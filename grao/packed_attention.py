@@ -43,6 +43,7 @@ import torch.nn.functional as F
 PREFIX = "grao_packed_"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 KWARG = "grao_packing"
+SHARED_KWARG = "grao_shared_prompt"  # a grao.sampling.SharedPromptCache: shared-prompt sampling's attention
 
 
 def _base_attention(name: str, module):
@@ -71,6 +72,9 @@ def _refuse_unsupported(module, packing, kwargs) -> None:
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over a packed batch ([1, H, N, d] queries; see the module docstring) -> ([1, N, H, d], None)."""
+    shared = kwargs.get(SHARED_KWARG)
+    if shared is not None:  # a decode / prefill step of shared-prompt sampling (grao.sampling)
+        return shared.attention(module, query, key, value, scaling, **kwargs), None
     packing = kwargs.get(KWARG)
     base = module.config._attn_implementation.removeprefix(PREFIX)
     if packing is None:

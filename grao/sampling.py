@@ -18,9 +18,9 @@ Prompts and samples are grouped into batches whose estimated memory (prompt cach
 scores, logits, a prefill chunk's activations) fits ``budget_bytes`` (:func:`plan_batches`). A prompt whose
 G samples do not fit at once is prefilled once and decoded in several row ranges.
 
-Sampling semantics are transformers' own: logits in float32, ``TemperatureLogitsWarper`` then
-``TopPLogitsWarper``, ``torch.multinomial``; greedy is ``argmax``; a row stops after its first EOS and is
-padded after it (finished rows keep being computed until every row of the batch is done, as in
+Sampling semantics are transformers' own: logits in float32 (float64 models: float64),
+``TemperatureLogitsWarper`` then ``TopPLogitsWarper``, ``torch.multinomial``; greedy is ``argmax``; a row
+stops after its first EOS and is padded after it (finished rows keep being computed until every row of the batch is done, as in
 ``generate``). Other generation-config processors (repetition penalty, top-k) are not applied.
 
 Served: the model types of the packed layout (Llama, Mistral, Qwen2, Qwen3) with full attention
@@ -281,7 +281,10 @@ def sample_shared(model, prompt_ids: list[list[int]], num_samples: int, *, max_n
     :data:`DEFAULT_BUDGET_MIB`); ``strict_budget``: refuse a prompt that cannot fit it. ``dtype``: the
     activations' dtype (an autocast dtype) for the estimate. ``on_logits(batch, rows, step, logits)``: called
     with each decode step's float32 next-token logits (tests compare them with an unshared forward)."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     from grao.trainer.model import lm_parts
 
@@ -302,8 +305,10 @@ def sample_shared(model, prompt_ids: list[list[int]], num_samples: int, *, max_n
         if top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p))
 
+    run = getattr(model, "grao_backbone_forward", None) or backbone  # FSDP: through the root's hooks
+
     def forward(cache, ids, positions):
-        out = backbone(input_ids=ids, position_ids=positions, attention_mask=placeholder, use_cache=True,
+        out = run(input_ids=ids, position_ids=positions, attention_mask=placeholder, use_cache=True,
                        **{cache_kw: cache, SHARED_KWARG: cache})
         return out.last_hidden_state
 
@@ -320,7 +325,6 @@ def sample_shared(model, prompt_ids: list[list[int]], num_samples: int, *, max_n
     try:
         for batch in plan:
             prompts = [prompt_ids[i] for i in batch.prompts]
-            n = len(prompts)
             cache = SharedPromptCache([len(p) for p in prompts], max_new_tokens=max_new_tokens)
             last = _prefill(forward, head, cache, prompts, batch.chunk_tokens, pad_token_id, device)  # [n, V]
             for first, stop in batch.row_ranges:
@@ -328,7 +332,7 @@ def sample_shared(model, prompt_ids: list[list[int]], num_samples: int, *, max_n
                 cache.start_decode(g)
                 tokens = _decode(forward, head, cache, last, g, pick, max_new_tokens, eos_token_id, pad_token_id,
                                  device, None if on_logits is None else
-                                 (lambda step, lg, rows=(first, stop): on_logits(batch, rows, step, lg)))
+                                 (lambda step, lg, b=batch, rows=(first, stop): on_logits(b, rows, step, lg)))
                 for j, prompt in enumerate(batch.prompts):
                     for r in range(g):
                         result[prompt][first + r] = tokens[j * g + r]

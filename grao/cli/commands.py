@@ -210,6 +210,9 @@ def cmd_eval(args) -> int:
     base, _ = load_model_and_tokenizer(cfg, source=args.base, device=device, name="base")
     engine = RolloutEngine(policy, tok, cfg, resolve_reward(cfg.reward, trust_remote_code=cfg.trust_remote_code),
                            device, autocast_dtype=autocast_dtype(cfg, device))
+    checked = records[:args.limit] if args.limit else records  # too long for either model: refused up front
+    engine.check_records(checked, name="data")
+    engine.check_records(checked, name="data (with the --base model)", model=base, warn=False)
     result = ras_nag(engine, base, records, limit=args.limit)
     result["data"] = data or f"task {cfg.task} ({cfg.task_min_len}-{cfg.task_max_len} digits), held-out prompts"
     print(json.dumps(result, indent=1))

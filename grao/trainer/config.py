@@ -52,7 +52,9 @@ class TrainConfig:
     temperature: float = 0.7  # paper: 0.7
     top_p: float = 1.0
     sample_seeding: str = "auto"  # batch (one generate call, global RNG) | prompt (one call per prompt seeded by (seed, step, prompt index): the same samples for any number of processes; slower) | auto (batch in one process, prompt in several)
-    max_prompt_length: int = 512
+    max_prompt_length: int = 0  # 0: never cut a prompt; N: keep each prompt's last N tokens (warns once, counts prompts_truncated per step)
+    shared_sampling: bool = True  # prefill each prompt once and decode its G samples against that one copy (grao.sampling); off: transformers generate
+    sample_memory_mib: int = 0  # memory one sampling batch may hold beyond the weights (prompt caches, rows, transients); 0: auto (2048, raised to fit one prompt)
     # losses
     beta: float = 0.5  # GRAO imitation weight (paper 0.5)
     lam: float = 0.6  # GRAO alignment weight (paper 0.6)
@@ -297,7 +299,14 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "sample_seeding": _choice("batch: one generate call on the global RNG; prompt: one call per prompt seeded "
                                   "by (seed, step, prompt), the same samples on any number of processes; auto: "
                                   "batch in one process, prompt in several", SAMPLE_SEEDINGS),
-        "max_prompt_length": _int("prompts are cut to this many tokens", 1),
+        "max_prompt_length": _int("0 (default): never cut; N: keep each prompt's last N tokens, with a warning "
+                                  "and a per-step count (prompts_truncated); the cut is from the left, a leading "
+                                  "BOS token goes with the rest", 0),
+        "shared_sampling": Option("prefill each prompt once and decode its G samples against that one copy of its "
+                                  "keys and values (Llama, Mistral, Qwen2/3 families; others use transformers "
+                                  "generate); --no-shared-sampling: generate for every model", "bool"),
+        "sample_memory_mib": _int("MiB one sampling batch may hold beyond the weights: prompts' keys and values, "
+                                  "decode rows, prefill chunks (0: auto, 2048 and at least one prompt)", 0),
     },
     "loss": {
         "beta": _num("GRAO imitation weight (paper 0.5; values outside [0, 1] warn)"),

@@ -212,6 +212,11 @@ def _fsdp_hidden_and_head(model, input_ids, attention_mask, **kwargs):
     return hidden, head.weight, getattr(head, "bias", None)
 
 
+def _fsdp_backbone_forward(self, **kwargs):
+    """The backbone's forward, through the root's FSDP hooks (shared-prompt sampling's prefill and decode)."""
+    return self.base_model(**kwargs)
+
+
 def fsdp_shard(model, device: torch.device, world_size: int):
     """Shard ``model`` in place with FSDP2: every decoder layer, then the root (embeddings, norm, lm_head).
 
@@ -226,6 +231,8 @@ def fsdp_shard(model, device: torch.device, world_size: int):
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     model.grao_hidden_and_head = types.MethodType(_fsdp_hidden_and_head, model)
     register_fsdp_forward_method(model, "grao_hidden_and_head")
+    model.grao_backbone_forward = types.MethodType(_fsdp_backbone_forward, model)  # grao.sampling's forwards
+    register_fsdp_forward_method(model, "grao_backbone_forward")
     return model
 
 

@@ -127,6 +127,10 @@ class Trainer:
         self.rollouts = RolloutEngine(self.model, self.tokenizer, cfg, self.reward_fn, self.device,
                                       autocast_dtype=self.autocast_dtype, seeding=self.sample_seeding,
                                       gather_params=(lambda: dist.fsdp_full_params(self.model)) if self.fsdp else None)
+        # every prompt tokenised once: one too long for the model is refused now, not at the step that draws it
+        self.rollouts.check_records(self.train_records, name="data", warn=self.is_main)
+        if self.eval_records:
+            self.rollouts.check_records(self.eval_records, name="eval_data", warn=self.is_main)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -240,15 +244,16 @@ class Trainer:
         return self.forward.backend
 
     # ---------------------------------------------------------------------------------------------- phases
-    def rollout(self, records: list[dict], *, first_index: int = 0) -> Rollout:
+    def rollout(self, records: list[dict], *, first_index: int = 0, record_indices: list[int] | None = None) -> Rollout:
         """Sample and score G completions per record at the current step (see ``RolloutEngine.rollout``)."""
-        return self.rollouts.rollout(records, step=self.step, first_index=first_index)
+        return self.rollouts.rollout(records, step=self.step, first_index=first_index, record_indices=record_indices)
 
     def sample(self) -> Rollout:
         """Phase 1: this rank's shard of the step's P prompts, sampled and scored."""
-        records = [self.train_records[i] for i in self.sampler.next_indices(self.config.prompts_per_step)]
+        indices = self.sampler.next_indices(self.config.prompts_per_step)
+        records = [self.train_records[i] for i in indices]
         lo, hi = dist.shard_range(len(records), self.rank, self.world_size)
-        return self.rollout(records[lo:hi], first_index=lo)
+        return self.rollout(records[lo:hi], first_index=lo, record_indices=indices[lo:hi])
 
     def accumulate_gradients(self, ro: Rollout, grad_scale: float = 1.0) -> dict[str, float]:
         """Forward/backward of the method's loss on ``ro`` in micro-batches (gradients accumulate in .grad)."""
@@ -344,7 +349,8 @@ class Trainer:
         """Phase 4: the step's metrics, over every rank's rollout shard."""
         cfg = self.config
         shards = dist.all_gather({"rewards": kept.rewards.tolist(), "lens": [len(s) for g in ro.sample_ids for s in g],
-                                  "gen_seconds": ro.gen_seconds, "errors": ro.reward_errors[:3]})
+                                  "gen_seconds": ro.gen_seconds, "errors": ro.reward_errors[:3],
+                                  "truncated": ro.prompts_truncated})
         gen_seconds = max(sh["gen_seconds"] for sh in shards)
         errors = [e for sh in shards for e in sh["errors"]]
         sampled = rollout_stats([row for sh in shards for row in sh["rewards"]],
@@ -360,6 +366,7 @@ class Trainer:
             "skipped_nonfinite": int(reason == "skipped_nonfinite"),
             "skipped_all_dropped": int(reason == "skipped_all_dropped"),
             "groups_dropped": n_dropped,
+            "prompts_truncated": sum(sh["truncated"] for sh in shards),  # cut to max_prompt_length, all ranks
             **{f"total_{k}": v for k, v in self.counters.items()},
             **{k: sampled[k] for k in ("completion_len_mean", "completion_len_max", "gen_tokens_per_s")},
             "train_rows": train_rows,

@@ -20,7 +20,9 @@ Budgeted to finish in under 8 minutes on one H100/H200:
    (the issue's target: <= 1.1x, an fp32 weight-gradient buffer allowed). ``summary.json`` holds one row
    per implementation and shape in the issue's form.
 4. with the time left, one GRAO update step with the shared-prompt packed layout against unshared padded
-   rows (``benchmarks/prefix_sharing.py --device cuda``, issue 15), written to ``$OUT/prefix/``.
+   rows (``benchmarks/prefix_sharing.py --device cuda``, issue 15), written to ``$OUT/prefix/``;
+5. with the time left, shared-prompt sampling against ``generate`` (``benchmarks/rollout.py --device cuda``,
+   issue 21), written to ``$OUT/rollout/``.
 Every stage is guarded by the time limit and by try/except: the result files are always written.
 
 Peers on a machine without network: put wheels in .benchmarks/wheels/ first
@@ -226,6 +228,10 @@ def main(argv=None) -> int:
             print(f"[{elapsed():.0f}s] prefix sharing: one update step, shared vs unshared", flush=True)
             report["prefix_sharing"] = run_prefix_sharing(args, device)
             save()
+        if elapsed() < args.time_limit:
+            print(f"[{elapsed():.0f}s] shared-prompt sampling against generate", flush=True)
+            report["rollout"] = run_rollout(args, device)
+            save()
     except Exception as exc:  # noqa: BLE001 - the report is written whatever happens
         log.append(f"aborted: {type(exc).__name__}: {exc}")
     save()
@@ -254,6 +260,22 @@ def run_prefix_sharing(args, device: str) -> dict:
             targets = json.load(fh)["targets"]
     return {"status": "ok" if res.returncode == 0 else "failed", "targets": targets, "out": out,
             "stderr_tail": res.stderr[-1500:] if res.returncode else ""}
+
+
+def run_rollout(args, device: str) -> dict:
+    """benchmarks/rollout.py on ``device`` in the time left: shared-prompt sampling against ``generate`` (the
+    headline point first, then the prompt and G sweeps), results in OUT/rollout/ (issue 21)."""
+    out = os.path.join(args.out, "rollout")
+    left = max(30.0, args.time_limit + 90.0 - elapsed())
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "rollout.py"), "--device", device, "--out", out,
+           "--point-timeout", str(round(left / 4))]
+    cmd += ["--quick"] if device == "cpu" else ["--sweep", "all"]  # --cpu-smoke: tiny shapes, the code path only
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=left, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "seconds": round(left), "out": out}
+    return {"status": "ok" if res.returncode == 0 else "failed", "out": out,
+            "stdout_tail": res.stdout[-1500:], "stderr_tail": res.stderr[-1500:] if res.returncode else ""}
 
 
 def run_points(args, report, log, save, device: str = "cuda") -> None:

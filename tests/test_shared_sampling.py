@@ -238,3 +238,23 @@ def test_on_cuda(dtype):
             assert g[0] == (ref[:ref.index(EOS) + 1] if EOS in ref else ref)
     else:
         assert err_shared <= 1.5 * err_plain + 1e-2, (err_shared, err_plain)
+
+
+def test_rollout_benchmark_quick_runs(tmp_path):
+    """``python benchmarks/rollout.py --quick`` (the README's command, one sweep of it): both engines measured,
+    the rows in the summary's documented form, nothing written to the committed results."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(repo / "benchmarks" / "rollout.py"), "--quick", "--sweep", "headline",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    rows = summary["rows"]
+    assert {r["engine"] for r in rows} == {"shared", "generate"}
+    for r in rows:
+        assert set(r) >= {"prompt_len", "completion_len", "G", "P", "engine", "sample_s", "peak_mib"}
+        assert r["sample_s"] > 0 and r["peak_mib"] is not None

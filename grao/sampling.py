@@ -47,11 +47,20 @@ class SamplingBudgetError(ValueError):
     """A sampling batch cannot fit the memory budget (``sample_memory_mib``)."""
 
 
+def _unwrapped(model):
+    """A PEFT model's base model (its adapters live inside that model's modules), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
 def supported(model, max_length: int) -> str | None:
     """None when :func:`sample_shared` serves ``model`` for sequences up to ``max_length`` tokens, else why not."""
+    from grao.trainer.model import lm_parts
+
+    model = _unwrapped(model)
     try:
         check_supported(model)
-    except NotImplementedError as exc:
+        lm_parts(model)
+    except (NotImplementedError, TypeError) as exc:
         return str(exc).split(". Use")[0]
     window = getattr(model.config, "sliding_window", None)
     if window is not None and getattr(model.config, "use_sliding_window", True) and max_length > int(window):
@@ -290,6 +299,7 @@ def sample_shared(model, prompt_ids: list[list[int]], num_samples: int, *, max_n
 
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample_shared: every prompt needs at least one token")
+    model = _unwrapped(model)
     backbone, head = lm_parts(model)
     enable_prefix_sharing(model)  # the registered wrapper serves SHARED_KWARG; idempotent
     device = device or next(model.parameters()).device

@@ -258,3 +258,33 @@ def test_rollout_benchmark_quick_runs(tmp_path):
     for r in rows:
         assert set(r) >= {"prompt_len", "completion_len", "G", "P", "engine", "sample_s", "peak_mib"}
         assert r["sample_s"] > 0 and r["peak_mib"] is not None
+
+
+def test_cli_refuses_a_budget_too_small_for_one_prompt_in_one_line(tmp_path):
+    """``grao train --sample-memory-mib 1`` with 3000-token prompts: one ``grao: error:`` line naming the flag,
+    exit 2, no traceback."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from grao import demo
+
+    tok = demo.build_tokenizer()
+    model = demo.build_model(tok, size=demo.DemoModelConfig(hidden_size=32, intermediate_size=64,
+                                                            num_attention_heads=2, max_position_embeddings=4096))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "copy " + "7" * 3000 + ":", "reference": "7"}) + "\n"
+                            for _ in range(2)))
+    res = subprocess.run([sys.executable, "-m", "grao.cli", "train", "--model", str(tmp_path / "model"), "--data",
+                          str(data), "--steps", "1", "--group-size", "2", "--prompts-per-step", "2",
+                          "--max-new-tokens", "2", "--sample-memory-mib", "1", "--output-dir", str(tmp_path / "run"),
+                          "--no-progress", "--no-plot", "--tensorboard", "false"],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [x for x in res.stderr.splitlines() if x.startswith("grao: error:")]
+    assert len(errors) == 1 and "--sample-memory-mib" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr

@@ -100,7 +100,9 @@ def step_point(spec: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     row = {"prompt_len": spec["prompt_len"], "engine": spec["engine"], "step_s": None, "sample_s": None,
            "update_s": None, "peak_rss_mib": None, "wall_s": None, "new_tokens_mean": None, "error": None}
-    model_dir, data = prepare_step_inputs(spec, folder)
+    scratch = Path(spec["scratch"])  # the model and the data: large, regenerated, never under --out
+    scratch.mkdir(parents=True, exist_ok=True)
+    model_dir, data = prepare_step_inputs(spec, scratch)
     run_dir = folder / f"run_{spec['engine']}_Lp{spec['prompt_len']}"
     cmd = [sys.executable, "-m", "grao.cli", "train", "--model", str(model_dir), "--data", str(data), "--steps", "1",
            "--group-size", str(spec["G"]), "--prompts-per-step", str(spec["P"]),
@@ -182,6 +184,7 @@ def run_step(args, s: dict, out: Path) -> None:
     spec0 = {"vocab": s["vocab"], "hidden": s["hidden"], "intermediate": s["intermediate"], "layers": s["layers"],
              "positions": max(s["step_lens"]) + s["step_completion_len"] + 64 + 8, "P": s["step_P"], "G": s["step_G"],
              "completion_len": s["step_completion_len"], "device": args.device, "folder": str(folder),
+             "scratch": str(REPO / "runs" / "bench" / "rollout_step_inputs"),
              "memory_limit_gib": args.memory_limit_gib, "timeout": args.step_timeout}
     rows: list[dict] = []
     failed: set[str] = set()
@@ -211,7 +214,7 @@ def run_step(args, s: dict, out: Path) -> None:
                                                               args.memory_limit_gib,
                                                               **environment_fields(args.device, threads)}})
     finally:
-        shutil.rmtree(folder / "model", ignore_errors=True)
+        shutil.rmtree(Path(spec0["scratch"]) / "model", ignore_errors=True)
     summ = step_summary(rows, s)
     print(json.dumps({k: summ[k] for k in ("short", "long")}, indent=1))
     print(f"wrote {out}/step.csv, summary.json (step); logs in {folder}/")

@@ -264,7 +264,8 @@ def plan_batches(lengths: list[int], num_samples: int, max_new_tokens: int, shap
         ranges = tuple((s, min(s + rows, num_samples)) for s in range(0, num_samples, rows))
         spare = budget_bytes - n * (kv + rows * row)
         chunk = int(min(MAX_CHUNK, max(MIN_CHUNK, spare // shape.chunk_token_bytes(width))))
-        batches.append(Batch(tuple(order[i:i + n]), ranges, chunk))
+        # within a batch the prompts keep their order: one batch then draws the samples generate would
+        batches.append(Batch(tuple(sorted(order[i:i + n])), ranges, chunk))
         i += n
     return batches
 

@@ -196,6 +196,11 @@ def test_rollout_engine_uses_it_and_prompt_seeding_is_per_prompt(caplog):
     greedy_shared = engine.generate([a, b], 1, temperature=0.0)
     greedy_generate = plain.generate([a, b], 1, temperature=0.0)
     assert greedy_shared == greedy_generate
+    # "batch" seeding, prompts of different lengths in one call: the same draws as generate's, sample for sample
+    torch.manual_seed(5)
+    sampled_shared = engine.generate([a, b], 4)
+    torch.manual_seed(5)
+    assert sampled_shared == plain.generate([a, b], 4)
 
     import transformers
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,

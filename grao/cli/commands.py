@@ -93,6 +93,13 @@ def demo_defaults(args) -> dict:
     return {**DEMO_DEFAULTS, **TASK_DEMO_DEFAULTS.get(task, {})}
 
 
+def resume_line(trainer) -> str:
+    """What a resumed run continues with: its saved settings, and the changes RESUME_SAFE allowed."""
+    changes = trainer.resume_changes
+    return (f"resume: continuing {trainer.output_dir} from step {trainer.step} with its saved settings"
+            + (f", changed: {', '.join(changes)}" if changes else ""))
+
+
 def cmd_train(args) -> int:
     """Train; also the entry point of each process under ``torchrun`` / ``accelerate launch`` (rank 0 prints)."""
     from grao.trainer import Trainer, ascii_curve, shutdown_distributed
@@ -100,6 +107,8 @@ def cmd_train(args) -> int:
     quiet_progress(cfg.progress)
     try:
         trainer = Trainer(cfg)
+        if trainer.is_main and trainer.resume_from is not None:
+            print(resume_line(trainer), flush=True)
         history = trainer.train()
     except BaseException:
         shutdown_distributed(barrier=False)  # the other ranks may be stuck in a collective: no barrier
@@ -126,6 +135,8 @@ def cmd_demo(args) -> int:
     print(f"grao demo: method={cfg.method} task={cfg.task} ({cfg.task_min_len}-{cfg.task_max_len} digits), "
           f"model={sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M params, loss={trainer.loss_impl}, "
           f"P={cfg.prompts_per_step} G={cfg.group_size}, {cfg.steps} steps, reward={cfg.reward}")
+    if trainer.resume_from is not None:
+        print(resume_line(trainer))
     ex = trainer.train_records[0]
     print(f"example: prompt {ex['prompt']!r} -> reference {ex['reference']!r}", flush=True)
     history = trainer.train()
@@ -239,7 +250,7 @@ def cmd_compare(args) -> int:
     methods, seeds = args.methods, args.seeds
     base_values = dict(DEMO_DEFAULTS)
     base_values.update({"save_every": 0, "progress": False, "plot": False})
-    cfg = build_config(args, base_values, exclude=COMPARE_SETS)
+    cfg = build_config(args, base_values, exclude=COMPARE_SETS, saved_run=False)  # its runs are its own
     quiet_progress(cfg.progress)
     # arms: the methods, then (--ablation) the GRAO variants of compare_report.ABLATIONS not already among them
     arms = list(methods) + ([a for a in ABLATIONS if a not in methods] if getattr(args, "ablation", False) else [])

@@ -141,16 +141,46 @@ def load_yaml(path: str | None, *, exclude: dict[str, str] | None = None) -> dic
     return out
 
 
-def build_config(args: argparse.Namespace, base: dict | None = None, *, exclude: dict[str, str] | None = None
-                 ) -> TrainConfig:
-    """TrainConfig from: dataclass defaults < ``base`` < YAML ``--config`` < explicit flags; validated."""
+def build_config(args: argparse.Namespace, base: dict | None = None, *, exclude: dict[str, str] | None = None,
+                 saved_run: bool = True) -> TrainConfig:
+    """TrainConfig from: dataclass defaults < ``base`` < YAML ``--config`` < explicit flags; validated.
+
+    With resume (and ``saved_run``): dataclass defaults < ``base`` < the saved run's settings (the config.json
+    in output_dir) < YAML < flags, so that an option not given continues the run as it was; one given that
+    differs from the saved value is then refused by the Trainer unless ``RESUME_SAFE`` (``--resume``'s help)."""
     values = dict(base or {})
-    values.update(load_yaml(getattr(args, "config", None), exclude=exclude))
+    given = load_yaml(getattr(args, "config", None), exclude=exclude)  # the options the user gave
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
-            values[f.name] = v
+            given[f.name] = v
+    if saved_run and given.get("resume", values.get("resume", False)):
+        output_dir = given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))
+        values.update(saved_run_values(output_dir, given))
+    values.update(given)
     return TrainConfig(**values).validate()
+
+
+def saved_run_values(output_dir: str, given: dict) -> dict:
+    """The settings of the run saved in ``output_dir`` that ``given`` does not set, each checked as a YAML key
+    (an error names the file), or {} when it holds no run. Never resume / overwrite / output_dir: the command
+    line's own."""
+    from grao.trainer.checkpoint import saved_run_config
+
+    found = saved_run_config(output_dir)
+    if found is None:
+        return {}
+    saved, where = found
+    out = {}
+    for key, value in saved.items():
+        if key in given or key in ("resume", "overwrite", "output_dir") or key not in TrainConfig.__dataclass_fields__:
+            continue  # given; the command line's own; or a field since removed
+        try:
+            out[key] = check_field(key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc} (the resumed run's setting; giving --{key.replace('_', '-')} "
+                              f"overrides it where --resume allows that change)") from None
+    return out
 
 
 def comma_list(kind: str, choices: tuple = ()):

@@ -23,6 +23,7 @@ import torch
 FAULT_ENV = "GRAO_FAULT_INJECT"  # test hook, see fault_point
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.pt"
+RUN_CONFIG = "config.json"  # the run's TrainConfig, in output_dir (written by Trainer.train)
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
@@ -63,12 +64,38 @@ def clear_run(output_dir: str | os.PathLike) -> None:
             shutil.rmtree(root / name)
     for name in ("metrics.jsonl", "metrics.jsonl.tmp", "curves.png", "summary.json"):
         (root / name).unlink(missing_ok=True)
-    config = root / "config.json"  # the run's TrainConfig; a model's config.json (no "method") stays
+    if _read_run_config(root / RUN_CONFIG) is not None:  # the run's TrainConfig; a model's config.json stays
+        (root / RUN_CONFIG).unlink()
+
+
+def _read_run_config(path: Path) -> dict | None:
+    """The TrainConfig values in ``path`` (a run's config.json), or None: missing, unreadable, or another
+    file of that name (a model's config.json has no "method", "group_size", "output_dir")."""
     try:
-        if {"method", "group_size", "output_dir"} <= set(json.loads(config.read_text(encoding="utf-8"))):
-            config.unlink()
-    except (OSError, ValueError, TypeError):
-        pass
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and {"method", "group_size", "output_dir"} <= set(data):
+        return data
+    return None
+
+
+def saved_run_config(output_dir: str | os.PathLike) -> tuple[dict, str] | None:
+    """(TrainConfig values, where they were read) of the run in ``output_dir``, or None when it holds none.
+
+    Read from its config.json (written when each ``Trainer.train`` starts, so it is the run's latest settings;
+    a resume may have changed only ``config.RESUME_SAFE`` ones since its newest checkpoint), else from the
+    trainer state of its newest complete checkpoint (every checkpoint holds its run's config)."""
+    path = Path(output_dir) / RUN_CONFIG
+    data = _read_run_config(path)
+    if data is not None:
+        return data, str(path)
+    found = checkpoint_dirs(output_dir)
+    if found:
+        state = read_trainer_state(found[-1])
+        if isinstance(state.get("config"), dict):
+            return dict(state["config"]), str(found[-1] / STATE_FILE)
+    return None
 
 
 def claim_output_dir(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Path | None:

@@ -118,6 +118,106 @@ class TrainConfig:
         return self
 
 
+# What a resumed run (``resume=True`` with a checkpoint in output_dir) may set differently from the run it
+# continues: each entry changes where the run stops, how it is evaluated, checkpointed or shown, or how a step
+# is computed (memory, speed, machine), never what it trains (model, data, task, method, loss, sampling
+# distribution, optimiser, schedule, seed). Any other setting that differs from the saved run's is refused,
+# listed (``Trainer``); with ``grao train --resume`` a setting not given is the saved run's (grao.cli).
+RESUME_SAFE: dict[str, str] = {
+    "steps": "where the run stops (a linear or cosine decay is re-timed to the new end: a warning says so)",
+    "eval_every": "evaluation only reads the policy (greedy, no update)",
+    "eval_prompts": "evaluation only reads the policy",
+    "eval_batch_size": "evaluation only reads the policy",
+    "eval_data": "held-out records: evaluation only reads the policy, training never sees them",
+    "save_every": "checkpoint cadence",
+    "save_total_limit": "how many checkpoints are kept",
+    "progress": "display only",
+    "plot": "display only",
+    "tensorboard": "logging only",
+    "output_dir": "the folder is the run: a moved folder or another spelling of its path still names it",
+    "resume": "the switch itself",
+    "overwrite": "excluded by resume anyway (validate refuses both)",
+    "device": "where a step runs: the same update up to rounding, so a checkpoint may move between machines",
+    "micro_batch_rows": "memory per forward/backward pass; the update is exact either way",
+    "micro_batch_tokens": "memory per forward/backward pass; the update is exact either way",
+    "sample_memory_mib": "memory of a sampling batch; the samples' distribution is the same",
+    "shared_sampling": "how the G samples are decoded (one prompt copy or generate); same distribution",
+    "prefix_sharing": "how a group is forwarded (packed or padded rows); the same loss and gradient",
+    "loss_impl": "fused or eager computation of the same loss (memory and speed)",
+    "gradient_checkpointing": "recomputes activations: memory for time, the same gradients",
+    "attn_implementation": "the attention kernel: the same attention, computed another way",
+    "parallel": "how several processes share the model; the same update (resuming under FSDP is refused anyway)",
+    "max_consecutive_skips": "when to stop a run that makes no updates; no update changes",
+    "on_reward_error": "what a failing reward does (stop, or drop that prompt): recovers a run a reward stopped",
+    "trust_remote_code": "a permission to run the model repository's code, not a setting of the training",
+}
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """A field's value as two runs' configs are compared: through the field's check where that is pure
+    (numbers, booleans, choices: 1e-4 == "0.0001", bf16 True == "true"), lists for tuples, callables by name."""
+    opt = OPTIONS.get(name)
+    if opt is not None and opt.kind in ("int", "float", "bool", "choice", "auto_bool"):
+        try:
+            return opt.parse(value)
+        except ValueError:
+            return value
+    if isinstance(value, (list, tuple)):
+        return [_comparable("", v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool, dict)):
+        return value
+    return getattr(value, "__name__", type(value).__name__)
+
+
+def _same_setting(name: str, saved: Any, given: Any) -> bool:
+    a, b = _comparable(name, saved), _comparable(name, given)
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b):
+        try:  # a file or model directory named by two spellings of its path
+            return os.path.samefile(a, b)
+        except OSError:
+            return False
+    return False
+
+
+def _shown_setting(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, value of ``config``) for each setting of ``config`` that differs from ``saved`` (the
+    TrainConfig values of the run being resumed, as its config.json holds them). A field the saved run did not
+    have (added since) counts as its default there; keys it has that TrainConfig no longer has are ignored."""
+    out = []
+    for f in fields(config):
+        before = saved.get(f.name, f.default)
+        now = getattr(config, f.name)
+        if not _same_setting(f.name, before, now):
+            out.append((f.name, before, now))
+    return out
+
+
+def check_resume(saved: dict, config: TrainConfig, *, where: str) -> list[str]:
+    """Refuse resuming the run whose settings are ``saved`` (read from ``where``) with a ``config`` that changes
+    one outside :data:`RESUME_SAFE`: a ConfigError listing every such change as ``name: saved -> given``.
+    Returns the safe changes in that form (the trainer says what it continues with)."""
+    changes = resume_changes(saved, config)
+    unsafe = [f"{n}: {_shown_setting(a)} -> {_shown_setting(b)}" for n, a, b in changes if n not in RESUME_SAFE]
+    if unsafe:
+        raise ConfigError(f"resume: {config.output_dir} holds a run with other settings ({where}): "
+                          f"{', '.join(unsafe)}. A resume may change only the options listed under --resume in "
+                          f"grao train --help (config.RESUME_SAFE); leave these out to keep the saved values, or "
+                          f"start a new run (another output_dir, or overwrite)")
+    return [f"{n}: {_shown_setting(a)} -> {_shown_setting(b)}" for n, a, b in changes
+            if n not in ("resume", "overwrite", "output_dir")]
+
+
+def resume_safe_flags() -> list[str]:
+    """The command-line flags of :data:`RESUME_SAFE` (``--steps``, ...), but for resume and overwrite themselves."""
+    return ["--" + n.replace("_", "-") for n in RESUME_SAFE if n not in ("resume", "overwrite", "output_dir")]
+
+
 # ------------------------------------------------------------------------------------ what each field accepts
 
 
@@ -360,7 +460,10 @@ SECTIONS: dict[str, dict[str, Option]] = {
         "eval_every": _int("greedy reward on the held-out records every N steps (0: never)", 0),
         "eval_prompts": _int("held-out prompts per evaluation", 1),
         "eval_batch_size": _int("prompts per generate call when evaluating", 1),
-        "resume": Option("continue the run in --output-dir from its newest complete checkpoint", "bool"),
+        "resume": Option("continue the run in --output-dir from its newest complete checkpoint, with that run's "
+                         "settings (its config.json) for every option not given; given ones may change only "
+                         + ", ".join(resume_safe_flags()) + " (how the run is computed, evaluated, saved or "
+                         "shown, not what it trains); any other change is refused, listed", "bool"),
         "overwrite": Option("replace the run in --output-dir (metrics, checkpoints, plots) by a new one", "bool"),
         "progress": Option("progress bars (grao's and transformers')", "bool"),
         "plot": Option("write curves.png at the end", "bool"),

@@ -40,7 +40,7 @@ from grao.data import PromptSampler, load_records, warn_about_records
 from grao.rewards import resolve_reward
 from grao.trainer import checkpoint as ckpt
 from grao.trainer import distributed as dist
-from grao.trainer.config import TrainConfig
+from grao.trainer.config import ConfigError, TrainConfig, check_resume
 from grao.trainer.forward import LossBackend, PolicyForward, resolve_loss_impl
 from grao.trainer.metrics import (
     MetricsLog,
@@ -172,19 +172,46 @@ class Trainer:
 
     def _claim_output_dir(self) -> Path | None:
         """The checkpoint to resume from, or None; a folder holding another run is refused unless resume or
-        overwrite (``checkpoint.claim_output_dir``). Rank 0 decides, every rank gets its answer or error."""
+        overwrite (``checkpoint.claim_output_dir``), and a resume that would change a setting of the saved run
+        outside ``config.RESUME_SAFE`` is refused, listing them (:meth:`_check_resume`). Rank 0 decides, every
+        rank gets its answer or error."""
         outcome = None
+        self.resume_changes: list[str] = []  # the safe changes a resume made ("steps: 200 -> 400", ...)
         if self.is_main:
             try:
                 found = ckpt.claim_output_dir(self.output_dir, resume=self.config.resume,
                                               overwrite=self.config.overwrite)
-                outcome = ("ok", str(found) if found else None)
-            except ckpt.OutputDirError as exc:
-                outcome = ("error", str(exc))
-        kind, value = dist.all_gather(outcome)[0]
+                changes = self._check_resume(found) if found is not None else []
+                outcome = ("ok", str(found) if found else None, changes)
+            except (ValueError, NotImplementedError) as exc:  # OutputDirError, ConfigError, a refused state
+                outcome = ("error", type(exc).__name__, str(exc))
+        kind, value, extra = dist.all_gather(outcome)[0]
         if kind == "error":
-            raise ckpt.OutputDirError(value)
+            errors = {e.__name__: e for e in (ckpt.OutputDirError, ConfigError, NotImplementedError)}
+            raise errors.get(value, ValueError)(extra)
+        self.resume_changes = list(extra)
         return Path(value) if value else None
+
+    def _check_resume(self, found: Path) -> list[str]:
+        """Resuming from checkpoint ``found``: refuse a config that changes a setting of the saved run outside
+        ``config.RESUME_SAFE`` (ConfigError listing each ``name: saved -> given``); warn when the new steps
+        re-time a decaying LR schedule or leave nothing to train. Returns the safe changes."""
+        cfg = self.config
+        saved = ckpt.saved_run_config(self.output_dir)
+        if saved is None:  # a checkpoint written without a config (not by Trainer): nothing to compare with
+            return []
+        values, where = saved
+        changes = check_resume(values, cfg, where=where)
+        at = int(found.name[len(ckpt.CHECKPOINT_PREFIX):])
+        before = values.get("steps", cfg.steps)
+        if before != cfg.steps and cfg.lr_schedule != "constant":
+            warnings.warn(f"resume: steps {before} -> {cfg.steps} re-times the {cfg.lr_schedule} learning-rate "
+                          f"decay: it now ends at step {cfg.steps}, so the rate after step {at} follows the new "
+                          f"curve", UserWarning, stacklevel=3)
+        if at >= cfg.steps:
+            warnings.warn(f"resume: {self.output_dir} is at step {at} and steps is {cfg.steps}: nothing to train "
+                          f"(raise steps to continue the run)", UserWarning, stacklevel=3)
+        return changes
 
     def _init_model(self, model, tokenizer) -> None:
         """The policy on its device (from a checkpoint when resuming), with the run's model options."""

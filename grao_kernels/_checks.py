@@ -25,6 +25,9 @@ def _checking_values() -> bool:
     return not torch.compiler.is_compiling()
 
 
+INDEX_DTYPES = (torch.int64, torch.int32)  # labels, cu_seqlens, row_index
+
+
 class GRAOInputError(ValueError):
     """Raised for inputs that do not match the documented layout (see docs/spec.md)."""
 
@@ -42,7 +45,9 @@ def check_tensor(name: str, t, *, floating: bool | None = None) -> None:
         _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating is True and not t.is_floating_point():
         _fail(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if floating is False and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+    if floating is False and t.dtype not in INDEX_DTYPES:
+        # int64 or int32 (converted where used; both give the same results): narrower integers and uint8
+        # could not hold every token id or ignore_index = -100
         _fail(f"{name} must be an integer tensor (torch.int64 or torch.int32), got dtype {t.dtype}")
 
 
@@ -79,7 +84,7 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
                         check_label_values: bool = True) -> LinearLayout:
     """Validate hidden [B, T, D] | [B*T, D] | [N, D], weight [V, D], labels [B, T] | [N], bias [V].
 
-    hidden, weight and bias share one floating dtype and one device; labels are int64/int32
+    hidden, weight and bias share one floating dtype and one device; labels are int64 or int32
     on the same device with values in [0, V) or equal to ignore_index. Under autocast on their device
     their dtypes are compared after autocast's cast (fp32/bf16/fp16 -> the autocast dtype), as the ops
     and ``nn.Linear`` cast them (grao_kernels._autocast).
@@ -180,6 +185,21 @@ def check_reference_rows(token_counts: torch.Tensor, group_width: int) -> None:
               f"answer is invalid")
 
 
+def check_flat_labels(labels: torch.Tensor, rewards, *, device) -> None:
+    """Refuse 1-D labels in the padded GRAO loss, saying what to pass instead.
+
+    Labels carry the layout: [B, T] is padded rows (hidden [B, T, D] or flattened [B*T, D]), [N] is
+    token-packed input, whose rows only cu_seqlens / row_index can give. Reading a flat [B*T] labels
+    tensor as B equal rows instead would turn a forgotten cu_seqlens into silently wrong rows."""
+    prompts, group = check_rewards(rewards, device=device)
+    rows, n = prompts * (group + 1), labels.numel()
+    padded = (f"labels.view({rows}, {n // rows})" if n % rows == 0
+              else f"labels [B, T] (its {n} entries do not split into {rows} rows)")
+    _fail(f"labels must be [B, T] with B = P * (G+1) = {rows} (rewards {_shape(rewards)}), got shape "
+          f"{_shape(labels)}: flat labels [N] are token-packed input and need cu_seqlens or row_index; padded "
+          f"rows go as {padded}, hidden may stay [B*T, D]")
+
+
 def check_grao_hyper(beta, lam, eps, temperature) -> tuple[float, float, float, float]:
     hyper = (check_scalar("beta", beta), check_scalar("lam", lam),
              check_scalar("eps", eps, positive=True), check_scalar("temperature", temperature, positive=True))
@@ -210,7 +230,7 @@ def check_linear_grao_inputs(hidden, weight, labels, rewards, bias, *, beta, lam
     """
     layout = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     if labels.dim() != 2:
-        _fail(f"labels must be [B, T] for the GRAO loss, got shape {_shape(labels)}")
+        check_flat_labels(labels, rewards, device=hidden.device)
     hyper = check_grao_hyper(beta, lam, eps, temperature)
     _, group = check_rewards(rewards, layout.rows, device=hidden.device)
     counts = (labels != ignore_index).sum(-1)

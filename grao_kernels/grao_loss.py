@@ -7,7 +7,8 @@ forward pass (docs/spec.md: -c_s / (|s| P)). So:
   turns log-probs and rewards into the loss, its three components and the per-token
   gradient, and one backward kernel (the log-prob backward fed that gradient) produces the
   input gradients right away, in the same call.
-* CPU / float64 (chunked PyTorch): the gradients are computed in the same chunked pass as
+* CPU (the native C++ kernel, grao_kernels.cpu_native; the chunked PyTorch path for float64,
+  fp16 or where the kernel cannot be built): the gradients are computed in the same pass as
   the log-probs (no recompute of the logits). The small per-prompt math is
   grao_kernels.reference's, unchanged.
 
@@ -162,18 +163,20 @@ def fused_linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     Args:
         hidden: [B, T, D] or [B*T, D] (fp32, bf16, fp16; fp64 runs the chunked PyTorch path).
         weight: [V, D] lm_head weight, same dtype and device as hidden. bias: optional [V].
-        labels: [B, T] int, already shifted; ignore_index marks prompt and padding positions.
+        labels: [B, T] int64 or int32, already shifted; ignore_index marks prompt and padding positions
+            (flat labels [N] are token-packed input: with cu_seqlens or row_index only).
         rewards: [P, G+1] float with B = P * (G+1): R(o_1..o_G, y) then R(y, y) per prompt.
         beta, lam, eps, temperature, reference_in_stats: as in ``grao_kernels.reference.linear_grao_loss``.
-        backend: "auto" (Triton on CUDA, chunked PyTorch on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, the native kernel on CPU), "triton", "torch" (chunked PyTorch) or
+            "native".
         cu_seqlens / row_index: token-packed (padding-free) inputs (``grao_kernels.packed``): hidden [N, D],
             labels [N] and either cu_seqlens [B+1] (row b's tokens are cu_seqlens[b]:cu_seqlens[b+1]) or
             row_index [N] (each token's row); only completion tokens need to be fed.
 
     Returns:
         (loss, stats): loss a float32 scalar (float64 for float64 inputs) differentiable w.r.t.
-        hidden, weight and bias; stats {"exploration", "imitation", "alignment"} (detached scalars
-        summing to loss), "advantages" [P, G+1], "seq_logp" [B], "num_tokens" [B].
+        hidden, weight and bias; stats {"exploration", "imitation", "alignment"} (scalars summing to
+        loss), "advantages" [P, G+1], "seq_logp" [B], "num_tokens" [B], all detached.
 
     The gradients are computed during the forward call when any input requires grad (they are
     known then: the advantages are constants), so a forward without backward costs the backward's

@@ -158,9 +158,11 @@ def _grao_loss(token_logp, mask, counts, rewards, beta, lam, eps, reference_in_s
 
 def _grao_from_seq(seq, counts, rewards, beta, lam, eps, reference_in_stats):
     """(loss, stats) from sequence log-likelihoods seq [B] (differentiable) and token counts [B]."""
-    adv = _group_advantages(rewards, eps, reference_in_stats)
+    adv = _group_advantages(rewards.detach(), eps, reference_in_stats)
     loss, parts = grao_objective(seq, adv.to(seq.dtype), beta=beta, lam=lam)
-    stats = dict(parts)
+    # every stat is a detached diagnostic, as the fused op's (only ``loss`` carries a gradient): logging one
+    # keeps no graph alive, and nothing back-propagates through one by accident
+    stats = {name: part.detach() for name, part in parts.items()}
     stats["advantages"] = adv
     stats["seq_logp"] = seq.detach()
     stats["num_tokens"] = counts.detach()
@@ -204,7 +206,8 @@ def linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     Args:
         hidden: [B, T, D] or [B*T, D] float (fp32, bf16, fp16, fp64); the states that predict ``labels``.
         weight: [V, D] lm_head weight, same dtype and device as hidden.
-        labels: [B, T] int64/int32, already shifted; ``ignore_index`` marks prompt and padding.
+        labels: [B, T] int64 or int32, already shifted; ``ignore_index`` marks prompt and padding. Labels
+            carry the layout: a flat [N] labels tensor is token-packed input and needs cu_seqlens / row_index.
         rewards: [P, G+1] float, B = P * (G+1); per prompt R(o_1..o_G, y) then R(y, y).
         beta, lam: imitation and alignment weights (paper: 0.5, 0.6). eps: advantage epsilon.
         bias: optional [V]. temperature: logits are divided by it.
@@ -216,7 +219,7 @@ def linear_grao_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     Returns:
         loss: scalar (float32; float64 for float64 inputs), differentiable w.r.t. hidden, weight, bias.
         stats: {"exploration", "imitation", "alignment"} scalars summing to loss, "advantages" [P, G+1],
-        "seq_logp" [B] (detached), "num_tokens" [B].
+        "seq_logp" [B], "num_tokens" [B]; all detached (only ``loss`` carries a gradient), as the fused op's.
     """
     if cu_seqlens is not None or row_index is not None:
         _, _, counts, rows, (beta, lam, eps, temperature) = check_packed_grao_inputs(

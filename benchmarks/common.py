@@ -244,6 +244,19 @@ def measure(impl_name: str, p: Point, device: str, *, warmup: int = 1, repeats: 
     return out
 
 
+def prepare_native_cpu() -> None:
+    """Build (or load) the native CPU kernel in this process before any worker needs it: a first build (about
+    45 s, one stderr line, grao_kernels.cpu_native) then happens once, visibly, and not inside a measured worker
+    whose output is captured. Nothing happens with GRAO_KERNELS_CPU=chunked."""
+    from grao_kernels import cpu_native
+
+    try:
+        if cpu_native.cpu_path() != "chunked":
+            cpu_native.load_native()
+    except Exception as exc:  # noqa: BLE001 - GRAO_KERNELS_CPU=native without a kernel: the workers record it
+        print(f"# native CPU kernel: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------ environment
 
 def paired_floor(impl_name: str, p: Point, flops: float, *, pairs: int = 7, seed: int = 0) -> dict:

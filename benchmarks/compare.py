@@ -1,11 +1,14 @@
 """Compare the GRAO loss implementations: forward + backward time and peak memory over sweeps.
 
-    python -m benchmarks.compare --device cpu                 # small CPU sweep, a few minutes on 2 cores
+    python -m benchmarks.compare --device cpu                 # small CPU sweep (~9 min on 2 shared cores, 8.3 GB)
+    python -m benchmarks.compare --device cpu --out benchmarks/results/cpu   # the same, as the committed results
     python -m benchmarks.compare --device cuda --sweep full   # the GPU sweep
     python -m benchmarks.compare --device cpu --only headline --impls eager,fused
+    python -m benchmarks.compare --sweep tiny                 # smoke run of every code path (~2.5 min)
 
-Prints the table and writes ``results.json``, ``results.csv``, ``results.md`` and the plots
-``sweep_G.png`` / ``sweep_T.png`` to ``--out`` (default ``benchmarks/results/<device>/``), with the
+Prints the table and writes ``results.json``, ``results.csv``, ``results.md``, ``summary.md`` and the plots
+``sweep_G.png`` / ``sweep_T.png`` to ``--out`` (default ``runs/bench/compare/<device>/``, ``--sweep tiny`` adds
+``tiny/``: the committed ``benchmarks/results/`` change only when ``--out`` names them), with the
 device, CPU model, torch / triton / peer versions, the date and the exact command.
 
 How it measures (details in benchmarks/README.md):
@@ -14,7 +17,8 @@ How it measures (details in benchmarks/README.md):
 - memory: peak above what is held once the inputs exist, gradients included. On CPU every
   (implementation, point) runs in its own process (``benchmarks._worker``) and the peak RSS is read;
   on CUDA ``torch.cuda.max_memory_allocated``;
-- ratios to eager are taken within the same run; OOM, timeouts and errors stay in the table;
+- ratios to eager are taken within the same run, with their spread (the lowest and highest ratio over all
+  pairs of timed runs) wherever one is reported; OOM, timeouts and errors stay in the table;
 - the largest N under a memory budget is fitted (total memory = a + b N) over the T sweep and then
   checked by a real run under the budget when that run is predicted to be short enough; otherwise it
   is reported as extrapolated.
@@ -30,11 +34,25 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import Point, environment, fmt_bytes, measure
+from benchmarks.common import Point, environment, fmt_bytes, measure, prepare_native_cpu
 from benchmarks.implementations import IMPLEMENTATIONS
-from benchmarks.report import markdown, plot, print_row, summary, write_csv
+from benchmarks.report import (
+    TINY_NOTE,
+    markdown,
+    plot,
+    print_row,
+    ratio_text,
+    summary,
+    time_spread,
+    write_csv,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: the tiny sweep's default budget search: a small budget and short verifying runs, so that a smoke run stays
+#: short (with the 8 GiB CPU default, its verifying runs took most of a 5 min 47 s, 4.8 GB run: issue 22)
+TINY_BUDGET_GB = 0.25
+TINY_VERIFY_LIMIT_S = 5.0
 
 # (D, V) of real model configs (config.json: hidden_size, vocab_size).
 MODELS = {
@@ -49,14 +67,16 @@ MODELS = {
 def sweep_points(device: str, sweep: str) -> list[Point]:
     """The points of a sweep. ``small`` is the CPU default (N scaled down to a few thousand tokens so
     that it runs in minutes on 2 cores); ``full`` is the GPU sweep with the issue's ranges; ``tiny``
-    is a seconds-long smoke run."""
+    is a smoke run of every code path (2-3 minutes on 2 shared cores, mostly process start-up: one worker
+    per point and implementation, ~3 s each), whose budget search is capped (TINY_BUDGET_GB, TINY_VERIFY_LIMIT_S)."""
     pts: list[Point] = []
     if sweep == "tiny":
         pts.append(Point("headline", 1, 7, 32, 64, 1000))
-        pts += [Point("G", 1, g, 16, 64, 1000) for g in (2, 4, 8)]
-        pts += [Point("T", 1, 3, t, 64, 1000) for t in (16, 32, 64)]
-        pts += [Point("V", 1, 7, 16, 64, v) for v in (1000, 3000)]
-        pts += [Point("D", 1, 7, 16, d, 1000) for d in (32, 96)]
+        # one worker process per (point, implementation), ~3 s each on 2 cores: few points, each sweep present
+        pts += [Point("G", 1, g, 16, 64, 1000) for g in (2, 8)]
+        pts += [Point("T", 1, 3, t, 64, 1000) for t in (16, 32, 64)]  # three: the budget search fits a line
+        pts.append(Point("V", 1, 7, 16, 64, 3000))
+        pts.append(Point("D", 1, 7, 16, 96, 1000))
         pts.append(Point("dtype", 1, 7, 16, 64, 1000, "bf16"))
         return pts
     if sweep == "small":
@@ -129,6 +149,7 @@ def add_ratios(results: list[dict]) -> None:
         e = eager.get(json.dumps(r["point"], sort_keys=True))
         ok = e is not None and r["status"] == "ok"
         r["time_vs_eager"] = r["time_ms"] / e["time_ms"] if ok and e["time_ms"] else None
+        r["time_vs_eager_spread"] = time_spread(r["times_ms"], e["times_ms"]) if ok and e["time_ms"] else None
         r["mem_vs_eager"] = (r["peak_extra_bytes"] / e["peak_extra_bytes"]
                              if ok and e["peak_extra_bytes"] else None)
 
@@ -227,18 +248,26 @@ def parse_args(argv=None):
                     help="default: small on cpu, full on cuda")
     ap.add_argument("--only", default="", help="comma list of sweeps to keep: headline,G,T,V,D,dtype")
     ap.add_argument("--impls", default="eager,fused,liger_grpo,cce", help="comma list of " + ",".join(IMPLEMENTATIONS))
-    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    ap.add_argument("--out", default=None, help="results folder (default runs/bench/compare/<device>, --sweep tiny "
+                    "adds tiny/; the committed results change only with --out benchmarks/results/<device>)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per point (default: 3 headline, 2 others "
                     "on cpu; 5 on cuda)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per CPU worker before 'timeout'")
     ap.add_argument("--budget-gb", type=float, default=None,
                     help="memory budget (GiB, inputs included) for the largest-N search; default 8 on cpu, the "
-                         "card's memory on cuda; 0 turns it off")
+                         f"card's memory on cuda, {TINY_BUDGET_GB} in --sweep tiny; 0 turns it off")
     ap.add_argument("--verify-limit", type=float, default=None,
-                    help="largest predicted seconds for a verifying run of the budget search (default 60 cpu, 30 cuda)")
+                    help="largest predicted seconds for a verifying run of the budget search (default 60 cpu, 30 cuda, "
+                         f"{TINY_VERIFY_LIMIT_S:.0f} in --sweep tiny)")
     ap.add_argument("--no-plots", action="store_true")
     return ap.parse_args(argv)
+
+
+def default_out(device: str, sweep: str) -> str:
+    """Scratch by default: runs/bench/compare/<device>/ (tiny/ below it for --sweep tiny). The committed
+    benchmarks/results/<device>/ are written only when --out names them."""
+    return os.path.join(ROOT, "runs", "bench", "compare", device, *(["tiny"] if sweep == "tiny" else []))
 
 
 def main(argv=None) -> int:
@@ -262,11 +291,12 @@ def main(argv=None) -> int:
             return 2
     if "eager" in impls:  # eager first at each point: it is the ratio's denominator
         impls = ["eager"] + [i for i in impls if i != "eager"]
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", device)
+    out = args.out or default_out(device, sweep)
     os.makedirs(out, exist_ok=True)
     command = " ".join(["python -m benchmarks.compare"] + [shlex.quote(a) for a in (argv if argv is not None
                                                                                     else sys.argv[1:])])
     env = environment(device, command)
+    env["warmup"] = args.warmup
     print(f"# {env['date']} | {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
           f"peers {env['peers']}\n# {command}")
 
@@ -278,6 +308,8 @@ def main(argv=None) -> int:
             live.append(name)
         else:
             print(f"# {name}: skipped: {why}")
+    if device == "cpu" and any(name in live for name in ("fused", "logprob")):
+        prepare_native_cpu()  # a first build of the native kernel (~45 s) here, announced, not in a worker
     results: list[dict] = []
 
     def skipped(name: str, p: Point) -> dict:
@@ -307,6 +339,8 @@ def main(argv=None) -> int:
     sweep_s = time.perf_counter() - t_start
 
     budget_gb = args.budget_gb
+    if budget_gb is None and sweep == "tiny":
+        budget_gb = TINY_BUDGET_GB
     if budget_gb is None:
         if device == "cuda":
             import torch
@@ -318,7 +352,8 @@ def main(argv=None) -> int:
         budget_bytes = int(budget_gb * 1024 ** 3) if budget_gb > 0 else 0
     budget = []
     if budget_bytes and any(p.sweep == "T" for p in points):
-        verify = args.verify_limit if args.verify_limit is not None else (60.0 if device == "cpu" else 30.0)
+        verify = args.verify_limit if args.verify_limit is not None else (
+            TINY_VERIFY_LIMIT_S if sweep == "tiny" else 60.0 if device == "cpu" else 30.0)
         print(f"# largest N within {fmt_bytes(budget_bytes)} (inputs included)")
         budget = largest_n(device, results, live, budget_bytes, verify_limit_s=verify, timeout=args.timeout)
         for b in budget:
@@ -331,9 +366,11 @@ def main(argv=None) -> int:
     verdict = {}
     for r in headline:
         if r["impl"] != "eager" and r.get("time_vs_eager") is not None:
-            verdict[r["impl"]] = {"time_vs_eager": r["time_vs_eager"], "mem_vs_eager": r["mem_vs_eager"]}
-            print(f"# headline {r['impl']}: time {r['time_vs_eager']:.2f}x eager, extra memory "
-                  f"{100 * r['mem_vs_eager']:.1f}% of eager's")
+            verdict[r["impl"]] = {"time_vs_eager": r["time_vs_eager"], "time_vs_eager_spread": r["time_vs_eager_spread"],
+                                  "mem_vs_eager": r["mem_vs_eager"]}
+            mem = "-" if r["mem_vs_eager"] is None else f"{100 * r['mem_vs_eager']:.1f}%"
+            print(f"# headline {r['impl']}: time {ratio_text(r)}, extra memory {mem} of eager's"
+                  + (f" [{TINY_NOTE}]" if sweep == "tiny" else ""))
 
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"env": env, "impls": {n: {"computes": IMPLEMENTATIONS[n].computes, "note": IMPLEMENTATIONS[n].note,

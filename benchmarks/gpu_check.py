@@ -1,7 +1,8 @@
 """The one prepared GPU call: CUDA tests, then fused vs eager vs peers on the headline shapes.
 
     python benchmarks/gpu_check.py            # writes gpu_check.json / gpu_check.md to $OUT
-                                              # (or benchmarks/results/gpu/ when OUT is not set)
+                                              # (or runs/bench/gpu/ when OUT is not set)
+    python benchmarks/gpu_check.py --cpu-smoke   # the script's code path on CPU -> runs/gpu_check_smoke/
 
 Budgeted to finish in under 8 minutes on one H100/H200:
 1. ``pytest -m "not slow" tests/`` (the CUDA-marked tests run on the device; ~3 min cap);
@@ -169,8 +170,9 @@ def summary(report: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="results folder (default: $OUT, else benchmarks/results/gpu; "
-                                                "--cpu-smoke: runs/gpu_check_smoke, never the committed results)")
+    ap.add_argument("--out", default=None, help="results folder (default: $OUT, else runs/bench/gpu; "
+                                                "--cpu-smoke: runs/gpu_check_smoke; never the committed results "
+                                                "unless named)")
     ap.add_argument("--time-limit", type=float, default=450.0, help="seconds after which no new stage starts")
     ap.add_argument("--tests-timeout", type=float, default=180.0)
     ap.add_argument("--skip-tests", action="store_true")
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
         args.skip_tests = True
     if args.out is None:
         args.out = (os.path.join(ROOT, "runs", "gpu_check_smoke") if args.cpu_smoke
-                    else os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "gpu"))
+                    else os.environ.get("OUT") or os.path.join(ROOT, "runs", "bench", "gpu"))
     os.makedirs(args.out, exist_ok=True)
     log: list[str] = []
     report: dict = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),

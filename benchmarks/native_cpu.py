@@ -1,6 +1,7 @@
 """The native CPU kernel against its targets (issue 11), every number from one run on this machine.
 
-    python -m benchmarks.native_cpu            # ~15 min on 2 cores -> benchmarks/results/cpu/native.{json,md}
+    python -m benchmarks.native_cpu            # ~45 min on 2 shared cores -> runs/bench/native_cpu/native.{json,md}
+    python -m benchmarks.native_cpu --out benchmarks/results/cpu   # the committed results
 
 At N=4096 (P=1, G=7, T=512), D=512, V=32000, fp32 and bf16, forward + backward of
 
@@ -24,15 +25,17 @@ whose speed drifts (this shared VM's does, by up to 2x between minutes) it is th
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
 
 import torch
 
-from benchmarks.common import MIB, Point, environment
+from benchmarks.common import MIB, Point, environment, prepare_native_cpu
 from benchmarks.compare import ROOT, run_cpu_worker
 
 IMPLS = ("eager", "fused", "fused_chunked", "logprob", "logprob_chunked")
@@ -60,9 +63,16 @@ def load1() -> float:
 
 
 def main(argv=None) -> int:
-    out_dir = os.path.join(ROOT, "benchmarks", "results", "cpu")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.native_cpu", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "native_cpu"),
+                    help="output folder (default runs/bench/native_cpu; the committed native.json / native.md "
+                         "change only with --out benchmarks/results/cpu)")
+    args = ap.parse_args(argv)
+    out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
-    env = environment("cpu", "python -m benchmarks.native_cpu")
+    prepare_native_cpu()  # a first build of the kernel (~45 s) here, announced, not inside a measured worker
+    env = environment("cpu", " ".join(["python -m benchmarks.native_cpu"] + [shlex.quote(a) for a in (
+        argv if argv is not None else sys.argv[1:])]))
     env["load1_start"] = load1()
     rates = {dt: [matmul_rate(dt)] for dt in ("fp32", "bf16")}
     print(f"# {env['date']} load {env['load1_start']:.2f}; matmul GFLOP/s "

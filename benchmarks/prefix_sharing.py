@@ -23,8 +23,9 @@ of the prompt). The layout comparison runs the whole step in one forward/backwar
 (``micro_batch_tokens=0``), so it measures the layout, not micro-batching. A point whose layout already
 went over ``--budget-mib`` at a shorter prompt is not run (recorded as ``over_budget``).
 
-    python benchmarks/prefix_sharing.py                 # CPU -> benchmarks/results/prefix/
-    python benchmarks/prefix_sharing.py --device cuda   # a GPU (writes benchmarks/results/prefix/cuda/)
+    python benchmarks/prefix_sharing.py                 # CPU -> runs/bench/prefix/
+    python benchmarks/prefix_sharing.py --device cuda   # a GPU -> runs/bench/prefix/cuda/
+    python benchmarks/prefix_sharing.py --out benchmarks/results/prefix   # the committed results
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per point")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/prefix, CUDA adds cuda/; the "
+                   "committed results change only with --out benchmarks/results/prefix)")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layout", default="shared", help=argparse.SUPPRESS)
     p.add_argument("--prompt-len", type=int, default=256, help=argparse.SUPPRESS)
@@ -243,7 +245,7 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(REPO))
     from benchmarks.common import environment
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "prefix" / (
+    out = Path(args.out) if args.out else REPO / "runs" / "bench" / "prefix" / (
         "" if args.device == "cpu" else "cuda")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

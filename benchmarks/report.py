@@ -6,9 +6,13 @@ Pure formatting of measured results (``benchmarks.compare`` measures; this modul
 from __future__ import annotations
 
 import csv
+import statistics
 
 from benchmarks.common import MIB, fmt_bytes
 from benchmarks.implementations import IMPLEMENTATIONS
+
+#: what a tiny sweep's figures are (its steps take milliseconds: a time slice of another process is most of one)
+TINY_NOTE = "--sweep tiny: smoke-test shapes, its times are noise, not a speed measurement"
 
 
 def _status_cell(r: dict) -> str:
@@ -21,6 +25,41 @@ def _ms(x):
 
 def _ratio(x):
     return "-" if x is None else f"{x:.2f}x"
+
+
+def time_spread(times: list[float], eager_times: list[float]) -> dict | None:
+    """Time over eager's with its spread: ``ratio`` of the medians, and ``lo`` / ``hi``, the lowest and highest
+    ratio any (run, eager run) pair gives; ``repeats`` / ``eager_repeats``: how many timed runs each had."""
+    if not times or not eager_times:
+        return None
+    return {"ratio": statistics.median(times) / statistics.median(eager_times),
+            "lo": min(times) / max(eager_times), "hi": max(times) / min(eager_times),
+            "repeats": len(times), "eager_repeats": len(eager_times)}
+
+
+def _ratio_cell(r: dict) -> str:
+    """A table's time / eager cell: the ratio of the medians and, in brackets, its range over pairs of runs."""
+    s = r.get("time_vs_eager_spread")
+    if r.get("time_vs_eager") is None or not s or r["impl"] == "eager":
+        return _ratio(r.get("time_vs_eager"))
+    return f"{_ratio(r['time_vs_eager'])} ({s['lo']:.2f}-{s['hi']:.2f})"
+
+
+def ratio_text(r: dict) -> str:
+    """``0.91x eager (median of 5 runs, eager's of 5; range 0.85-0.97 over all pairs of runs)``: a time ratio
+    never without its repeats and spread; a range that holds 1.0 is called a tie."""
+    s = r.get("time_vs_eager_spread")
+    if r.get("time_vs_eager") is None or not s:
+        return "time vs eager: -"
+    runs = (f"median of {s['repeats']} runs each" if s["repeats"] == s["eager_repeats"]
+            else f"median of {s['repeats']} runs, eager's of {s['eager_repeats']}")
+    if s["repeats"] < 2 or s["eager_repeats"] < 2:
+        spread = "a single run: no spread measured"
+    else:
+        spread = f"range {s['lo']:.2f}-{s['hi']:.2f} over all pairs of runs"
+        if s["lo"] <= 1.0 <= s["hi"]:
+            spread += ": not distinguishable from eager"
+    return f"{r['time_vs_eager']:.2f}x eager ({runs}; {spread})"
 
 
 def print_row(r: dict) -> None:
@@ -40,7 +79,10 @@ def markdown(env: dict, results: list[dict], budget: list[dict], impls: list[str
              f"torch {env['torch']} ({env['torch_threads']} threads), triton {env['triton']}, Python {env['python']}"),
              "- peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in env["peers"].items()),
              f"- grao-kernels commit: {env.get('grao_kernels_commit')}", "",
-             ("Forward + backward of the loss from hidden states and lm_head weight. Time: median after warm-up. "
+             ("Forward + backward of the loss from hidden states and lm_head weight. Time: median of the timed runs "
+             f"(column \"runs\") after {env.get('warmup', 1)} warm-up run(s), each implementation and point in its "
+             "own process on CPU. Time / eager: the ratio of the medians, in brackets the lowest and highest ratio "
+             "over all pairs (run, eager run): a range that holds 1.00 is a tie at these repeats. "
              "Peak extra: peak memory above the inputs, gradients included (floor = size of dhidden + dweight). "
              "Ratios are to eager at the same point in the same run."), ""]
     skipped = {}
@@ -60,8 +102,9 @@ def markdown(env: dict, results: list[dict], budget: list[dict], impls: list[str
               "V": "Vocabulary V", "D": "Hidden size D", "dtype": "dtype"}
     for sw in sweeps:
         lines += [f"## {titles.get(sw, sw)}", "",
-                  "| shape | impl | computes | time (ms) | time / eager | peak extra | memory / eager | floor (grads) |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  ("| shape | impl | computes | time (ms) | runs | time / eager | peak extra | memory / eager | "
+                   "floor (grads) |"),
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in results:
             p = r["point"]
             if p["sweep"] != sw or r["status"] == "skipped":
@@ -71,7 +114,8 @@ def markdown(env: dict, results: list[dict], budget: list[dict], impls: list[str
                 shape += f" ({p['model']})"
             time_cell = _ms(r["time_ms"]) if r["status"] == "ok" else f"**{r['status']}**"
             lines.append(f"| {shape} | {r['impl']} | {computes.get(r['impl'], '')} | {time_cell} | "
-                         f"{_ratio(r.get('time_vs_eager'))} | {fmt_bytes(r['peak_extra_bytes'])} | "
+                         f"{len(r.get('times_ms') or [])} | "
+                         f"{_ratio_cell(r)} | {fmt_bytes(r['peak_extra_bytes'])} | "
                          f"{_ratio(r.get('mem_vs_eager'))} | {fmt_bytes(r['grad_bytes'])} |")
         lines.append("")
     if budget:
@@ -90,10 +134,16 @@ def summary(env: dict, results: list[dict], budget: list[dict], impls: list[str]
     heads = [r for r in results if r["point"]["sweep"] == "headline"]
     lines = [(f"Measured {env['date']} on {env['device_name']} ({env['cpu_cores']} cores), torch {env['torch']}, "
              f"triton {env['triton']}; command `{env['command']}`."), ""]
+    if env.get("sweep") == "tiny":
+        lines += [f"**{TINY_NOTE}.**", ""]
     if heads:
         p = heads[0]["point"]
+        runs = sorted({len(r.get("times_ms") or []) for r in heads if r["status"] == "ok"})
         lines += [(f"Forward + backward, {p['dtype']}, N = {p['N']} (P={p['P']}, G={p['G']}, T={p['T']}), "
-                  f"D = {p['D']}, V = {p['V']}:"), "",
+                  f"D = {p['D']}, V = {p['V']}. Time: median of {' / '.join(map(str, runs)) or '-'} runs after "
+                  f"{env.get('warmup', 1)} warm-up, each implementation in its own process; time vs eager: the "
+                  "ratio of the medians, in brackets the lowest and highest ratio over all pairs (run, eager run), "
+                  "so a range that holds 1.00x is a tie at these repeats:"), "",
                   "| implementation | computes | time | vs eager | peak memory above inputs | vs eager |",
                   "|---|---|---:|---:|---:|---:|"]
         for r in heads:
@@ -102,9 +152,12 @@ def summary(env: dict, results: list[dict], budget: list[dict], impls: list[str]
                 lines.append(f"| {name} | {IMPLEMENTATIONS[r['impl']].computes} | skipped (below) | | | |")
                 continue
             t = _ms(r["time_ms"]) + " ms" if r["status"] == "ok" else f"**{r['status']}**"
-            lines.append(f"| {name} | {IMPLEMENTATIONS[r['impl']].computes} | {t} | {_ratio(r.get('time_vs_eager'))} "
+            lines.append(f"| {name} | {IMPLEMENTATIONS[r['impl']].computes} | {t} | {_ratio_cell(r)} "
                          f"| {fmt_bytes(r['peak_extra_bytes'])} | {_ratio(r.get('mem_vs_eager'))} |")
-        lines += ["", f"The floor for any implementation (dhidden + dweight) is {fmt_bytes(heads[0]['grad_bytes'])}."]
+        spreads = [f"- {r['impl']}: time {ratio_text(r)}." for r in heads
+                   if r["status"] == "ok" and r["impl"] != "eager" and r.get("time_vs_eager") is not None]
+        lines += [""] + spreads + ([""] if spreads else [])
+        lines += [f"The floor for any implementation (dhidden + dweight) is {fmt_bytes(heads[0]['grad_bytes'])}."]
         lines += [f"- {r['impl']} skipped: {r['reason']}." for r in heads if r["status"] == "skipped"]
         lines.append("")
     for sw in ("G", "T"):
@@ -114,8 +167,9 @@ def summary(env: dict, results: list[dict], budget: list[dict], impls: list[str]
         xs = sorted({r["point"][sw] for r in rows})
         p = rows[0]["point"]
         other = "T" if sw == "G" else "G"
+        runs = sorted({len(r.get("times_ms") or []) for r in rows if r["status"] == "ok"})
         lines += [(f"Peak memory above inputs against {sw} ({other}={p[other]}, D={p['D']}, V={p['V']}, {p['dtype']}; "
-                  f"time in brackets):"), "",
+                  f"time in brackets, median of {' / '.join(map(str, runs)) or '-'} runs):"), "",
                   "| impl | " + " | ".join(f"{sw}={x} (N={next(r['point']['N'] for r in rows if r['point'][sw] == x)})"
                                             for x in xs) + " |",
                   "|---|" + "---:|" * len(xs)]
@@ -142,14 +196,16 @@ def summary(env: dict, results: list[dict], budget: list[dict], impls: list[str]
 
 def write_csv(path: str, results: list[dict]) -> None:
     cols = ["sweep", "model", "P", "G", "T", "N", "D", "V", "dtype", "impl", "computes", "status", "time_ms",
-            "time_vs_eager", "peak_extra_bytes", "mem_vs_eager", "peak_total_bytes", "inputs_bytes", "grad_bytes",
+            "time_vs_eager", "time_vs_eager_lo", "time_vs_eager_hi", "peak_extra_bytes", "mem_vs_eager", "peak_total_bytes", "inputs_bytes", "grad_bytes",
             "times_ms", "reason"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
         for r in results:
             p = r["point"]
+            spread = r.get("time_vs_eager_spread") or {}
             row = {**p, **r, "computes": IMPLEMENTATIONS[r["impl"]].computes,
+                   "time_vs_eager_lo": spread.get("lo"), "time_vs_eager_hi": spread.get("hi"),
                    "times_ms": " ".join(f"{t:.2f}" for t in r.get("times_ms") or [])}
             w.writerow([row.get(c, "") if row.get(c) is not None else "" for c in cols])
 

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of every Triton kernel config, compiled for sm_90 without a GPU.
 
-    python benchmarks/sm90_resources.py            # -> benchmarks/results/sm90/resources.md and .json
+    python benchmarks/sm90_resources.py            # -> runs/bench/sm90/resources.md and .json
+    python benchmarks/sm90_resources.py --out benchmarks/results/sm90   # the committed results
 
 Triton compiles for ``GPUTarget("cuda", 90, 32)`` on a CPU-only machine; ``ptxas -v`` (shipped with
 Triton) reports each kernel's registers, spill stores/loads and shared memory. A regression (a config
@@ -117,7 +118,9 @@ def _size(n: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sm90"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "sm90"),
+                    help="output folder (default runs/bench/sm90; the committed results change only with "
+                         "--out benchmarks/results/sm90)")
     args = ap.parse_args(argv)
     rows = []
     for name, fn, types, consts, warps, stages in kernel_cases():

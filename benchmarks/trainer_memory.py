@@ -9,7 +9,8 @@ update, which is where the full [B, T, V] logits of the eager loss live.
 CPU: peak resident set size of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and its
 growth over the RSS just before the step. CUDA: ``torch.cuda.max_memory_allocated`` during the step.
 
-    python benchmarks/trainer_memory.py                   # CPU, writes benchmarks/results/trainer/
+    python benchmarks/trainer_memory.py                   # CPU, writes runs/bench/trainer/
+    python benchmarks/trainer_memory.py --out benchmarks/results/trainer   # the committed results
     python benchmarks/trainer_memory.py --device cuda     # when a GPU is present
 """
 
@@ -93,7 +94,9 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--completion-len", type=int, default=128)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "trainer"))
+    p.add_argument("--out", default=str(REPO / "runs" / "bench" / "trainer"),
+                   help="output folder (default runs/bench/trainer; the committed results change only with "
+                        "--out benchmarks/results/trainer)")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--G", type=int, default=4, help=argparse.SUPPRESS)
     p.add_argument("--impl", default="eager", help=argparse.SUPPRESS)

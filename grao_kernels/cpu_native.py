@@ -4,8 +4,12 @@ The ``linear_logprob`` and ``fused_linear_grao`` ops run it for CPU fp32 / bf16 
 available (float64, fp16 and ``return_entropy`` with fp16 keep the chunked PyTorch path of _chunked.py).
 It is built with ``torch.utils.cpp_extension.load`` (ninja and the system C++ compiler) the first time a
 process needs it, into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``),
-and reused from there by later processes while the source is unchanged. If it cannot be built or loaded,
-one warning line says why and the chunked path runs instead.
+in a folder named by ``build_key()``: a hash of the csrc/ sources, the flags, torch's version, the C++
+compiler's version and the Python ABI (``grao_kernels_cpu_<12 hex>``). Later processes, of this checkout or
+of any other with the same sources, import the library found there without running the build again;
+checkouts with other sources get other folders and do not evict each other's build. A build (about 45 s
+on 2 cores) prints one line to stderr first (``announce_build``); loading a cached build prints nothing.
+If it cannot be built or loaded, one warning line says why and the chunked path runs instead.
 
 ``GRAO_KERNELS_CPU`` (read per call) picks the CPU path:
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -35,8 +41,13 @@ CPU_PATH_ENV = "GRAO_KERNELS_CPU"
 CPU_PATHS = ("auto", "native", "chunked")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "grao_cpu.cpp"  # the one translation unit; it includes csrc/*.h
-#: Extension name; bump the suffix when the C++ interface changes (the cache is keyed by name and source).
-EXTENSION_NAME = "grao_kernels_cpu_v2"
+#: Prefix of the extension's name and cache folder; ``extension_name()`` appends ``build_key()``.
+EXTENSION_PREFIX = "grao_kernels_cpu"
+CFLAGS = ("-O3", "-fopenmp")  # plus -DGRAO_CSRC_DIGEST=<source_digest()>
+LDFLAGS = ("-fopenmp",)
+#: What a first build takes, for the build's one-line message: measured 41 s and 46 s wall (29-31 s of CPU: the
+#: one translation unit compiles on one core; 1.6 GB peak RSS) on a 2-core AMD EPYC VM shared with other work.
+BUILD_TIME = "about 45 s"
 #: fp32 logits workspace per tile ([tile rows x V]), allocated once per call and independent of N. Each tile's
 #: GEMMs re-read (and the BLAS re-packs) the whole [V, D] weight and read-modify-write dW (fp32, or bf16 plus
 #: its int8 residual: csrc/hilo.h), so that
@@ -63,23 +74,97 @@ def cpu_path() -> str:
     return value
 
 
-def source_digest() -> str:
-    """A digest of every file of csrc/ the build reads. torch's extension cache rebuilds when the listed sources or
-    the flags change, and does not look at included headers: the digest goes into the flags."""
+def source_digest(csrc: Path | None = None) -> str:
+    """A digest of every file of csrc/ the build reads (``csrc``: another copy of that folder, for tests). It
+    goes into the flags as ``-DGRAO_CSRC_DIGEST`` and into ``build_key()``: torch's extension cache itself looks
+    only at the listed source file, not at the headers it includes."""
+    folder = CSRC if csrc is None else Path(csrc)
     digest = hashlib.sha256()
-    for path in sorted(CSRC.glob("*.h")) + [SOURCE]:
+    for path in sorted(folder.glob("*.h")) + [folder / SOURCE.name]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
+def cflags(digest: str | None = None) -> list[str]:
+    return [*CFLAGS, f"-DGRAO_CSRC_DIGEST={source_digest() if digest is None else digest}"]
+
+
+def compiler() -> str:
+    """The C++ compiler torch's build runs: ``$CXX``, else ``c++`` (as ``torch.utils.cpp_extension``)."""
+    return os.environ.get("CXX", "c++")
+
+
+_compiler_versions: dict = {}
+
+
+def compiler_version(cxx: str | None = None) -> str:
+    """The first line of ``<compiler> --version`` (cached per compiler), or a note that it could not be run."""
+    cxx = compiler() if cxx is None else cxx
+    if cxx not in _compiler_versions:
+        try:
+            res = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=False)
+            lines = (res.stdout or res.stderr).strip().splitlines()
+            _compiler_versions[cxx] = f"{cxx}: {lines[0] if lines else f'exit {res.returncode}'}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            _compiler_versions[cxx] = f"{cxx}: not runnable ({type(exc).__name__})"
+    return _compiler_versions[cxx]
+
+
+def build_key(*, csrc: Path | None = None, torch_version: str | None = None, cxx_version: str | None = None) -> str:
+    """12 hex digits of a hash of what the built library depends on: the csrc/ sources (``source_digest``),
+    the flags, ``torch.__version__`` (and its git revision), the C++ compiler's version and the Python ABI. The
+    keyword arguments replace a part (tests). Same key, same library: a cached build under it is loaded as is."""
+    digest = source_digest(csrc)
+    parts = [digest, " ".join(cflags(digest) + list(LDFLAGS)),
+             torch.__version__ if torch_version is None else torch_version,
+             getattr(torch.version, "git_version", "") or "",
+             compiler_version() if cxx_version is None else cxx_version,
+             sys.implementation.cache_tag or "", sys.platform]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def extension_name(**parts) -> str:
+    """``grao_kernels_cpu_<build_key()>``: the extension's module name and its folder in torch's cache."""
+    return f"{EXTENSION_PREFIX}_{build_key(**parts)}"
+
+
+def announce_build(folder, *, waiting: bool = False, stream=None) -> None:
+    """The one stderr line a build prints before it starts (not printed when a cached build is loaded)."""
+    if waiting:
+        line = (f"grao_kernels: waiting for another process's build of the native CPU kernel in {folder} "
+                f"({BUILD_TIME} from its start; delete its file 'lock' if no build is running)")
+    else:
+        line = (f"grao_kernels: building the native CPU kernel (first use of these csrc/ sources with this torch "
+                f"and compiler; {BUILD_TIME}; {CPU_PATH_ENV}=chunked skips it) in {folder}")
+    print(line, file=sys.stderr if stream is None else stream, flush=True)
+
+
+def _import_built(name: str, folder: str):
+    from torch.utils.cpp_extension import _import_module_from_library
+
+    return _import_module_from_library(name, folder, True)
+
+
 def _build():
+    """Import the cached build of these sources, torch and compiler, or build it (one stderr line first)."""
     if not SOURCE.is_file():
         raise FileNotFoundError(f"{SOURCE} is missing (the native kernel needs the source tree)")
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
 
-    return load(name=EXTENSION_NAME, sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-fopenmp", f"-DGRAO_CSRC_DIGEST={source_digest()}"],
-                extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], verbose=False)
+    name = extension_name()
+    folder = cpp_extension._get_build_directory(name, verbose=False)  # $TORCH_EXTENSIONS_DIR or torch's default
+    busy = os.path.exists(os.path.join(folder, "lock"))  # another process is building it (torch's FileBaton)
+    if not busy and os.path.isfile(os.path.join(folder, name + cpp_extension.LIB_EXT)):
+        # The key names everything the library depends on: no need to run ninja, whose build file would name
+        # this checkout's source path and so rebuild a library another checkout made from the same sources.
+        try:
+            return _import_built(name, folder)
+        except ImportError:
+            pass  # an unloadable leftover: build it again
+    announce_build(folder, waiting=busy)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags(),
+                              extra_include_paths=[str(CSRC)], extra_ldflags=list(LDFLAGS), build_directory=folder,
+                              verbose=False)
 
 
 def load_native():

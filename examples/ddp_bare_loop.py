@@ -61,7 +61,12 @@ def main(argv=None):
     try:
         _, losses = train_ddp(args.steps, args.prompts_per_rank)
         print(f"rank {dist.get_rank()}: losses {[round(v, 4) for v in losses]}")
+        dist.barrier()  # every rank is done with every collective
     finally:
+        # Destroy the group explicitly, before exit, once the DDP wrapper is gone (train_ddp returned, so
+        # the group's last reference is torch's own Python one). A wrapper kept alive past this line would
+        # hold the group's last reference in its C++ Reducer, and freeing it later (with the GIL held) can
+        # deadlock gloo's destructor on a worker thread that waits for the GIL (pytorch/pytorch#56297).
         dist.destroy_process_group()
 
 

@@ -33,7 +33,10 @@ def main(out: Path, steps: int, prompts_per_rank: int) -> None:
             model, losses = ddp_bare_loop.train_ddp(steps=steps, prompts_per_rank=prompts_per_rank)
             torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses},
                        out / f"{name}-rank{rank}.pt")
+        dist.barrier()  # both ranks are done with every collective
     finally:
+        # explicit, before exit, and after train_ddp's DDP wrapper is gone (its C++ Reducer holds the group;
+        # see examples/ddp_bare_loop.py and grao.trainer.distributed.shutdown_distributed)
         dist.destroy_process_group()
 
 

@@ -12,12 +12,13 @@ import importlib
 import os
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import procs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -48,8 +49,7 @@ def ranks(tmp_path_factory) -> dict[str, list[dict]]:
            str(PROMPTS_PER_RANK)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    procs.check(cmd, timeout=240, cwd=REPO, env=env)  # every process killed on a timeout (tests/procs.py)
     return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
             for name in ("wrapper", "inner")}
 

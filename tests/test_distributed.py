@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import pytest
 import torch
 
 from grao.trainer import shard_range
+from tests import procs
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 1e-3
@@ -45,22 +45,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(_free_port())]
+
+
 def _launcher(nproc: int, fsdp: bool = False) -> list[str]:
     """accelerate launch (FSDP2: --use_fsdp --fsdp_version 2), else torchrun (FSDP2: the --parallel flag)."""
-    port = str(_free_port())
     if importlib.util.find_spec("accelerate") is not None:
         mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
         return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(nproc),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", port, "-m", "grao.cli"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
-            "-m", "grao.cli"]
+                "--main_process_port", str(_free_port()), "-m", "grao.cli"]
+    return _torchrun(nproc) + ["-m", "grao.cli"]
 
 
-def _popen(cmd: list[str]) -> subprocess.Popen:
+def _run(cmd: list[str], timeout: float = 240) -> str:
+    """Run ``cmd`` (its processes in a session of their own, all killed on a timeout: tests/procs.py);
+    asserts exit status 0 with the output in the message; returns the output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     env.pop("WORLD_SIZE", None)
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return procs.check(cmd, timeout=timeout, cwd=REPO, env=env)
 
 
 def _weights(out: Path, step: int) -> dict:
@@ -84,9 +89,7 @@ def test_shard_range_covers_every_prompt_once():
 def one_process(tmp_path_factory) -> Path:
     """Output dir of the 1-process reference run (shared by the DDP and FSDP comparisons)."""
     one = tmp_path_factory.mktemp("one")
-    p1 = _popen([sys.executable, "-m", "grao.cli", "train", *ARGS, "--output-dir", str(one)])
-    out1 = p1.communicate(timeout=240)[0].decode()
-    assert p1.returncode == 0, out1[-3000:]
+    _run([sys.executable, "-m", "grao.cli", "train", *ARGS, "--output-dir", str(one)])
     return one
 
 
@@ -101,9 +104,7 @@ def test_two_processes_match_one_process(tmp_path, one_process, parallel, micro)
     two, one = tmp_path / "two", one_process
     fsdp = parallel == "fsdp"
     extra = ["--parallel", "fsdp"] if fsdp and importlib.util.find_spec("accelerate") is None else []
-    p2 = _popen(_launcher(2, fsdp) + ["train", *ARGS, "--output-dir", str(two), *micro, *extra])
-    out2 = p2.communicate(timeout=240)[0].decode()
-    assert p2.returncode == 0, out2[-3000:]
+    _run(_launcher(2, fsdp) + ["train", *ARGS, "--output-dir", str(two), *micro, *extra])
 
     m1, m2 = _metrics(one), _metrics(two)
     assert [r["step"] for r in m2] == [1, 2] and all(r["world_size"] == 2 for r in m2)
@@ -132,6 +133,17 @@ def test_two_processes_match_one_process(tmp_path, one_process, parallel, micro)
         for k in w1:
             # first Adam steps move each weight by about +-lr; rounding flips only near-zero gradients
             torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0.05 * LR, msg=f"step {step}: {k}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in /proc")
+def test_shutdown_joins_the_gloo_threads_without_deadlock():
+    """Issue 22: rank 0 of a 2-process run hung on exit, ``~ProcessGroupGloo`` joining a gloo worker that
+    waited for the GIL (the group's last reference was DDP's C++ Reducer, freed with the GIL held). 20 times
+    the end of a DDP run, each in a fresh group (tests/shutdown_worker.py): shutdown_distributed joins the
+    group's threads itself, without a deadlock (the old teardown hung within a few trials)."""
+    out = _run(_torchrun(2) + [str(REPO / "tests" / "shutdown_worker.py"), "20"], timeout=180)
+    for rank in (0, 1):
+        assert f"rank {rank}: 20 trials, every group's threads joined in shutdown_distributed" in out
 
 
 @pytest.mark.parametrize("var,version,match", [

@@ -20,13 +20,22 @@ Data parallelism runs on torch's own engines, never a hand-written gradient all-
 Rollouts run on the unwrapped model (``generate`` makes no collective with DDP; under FSDP every unit
 is gathered once for the rollout, :func:`fsdp_full_params`). FSDP1, DeepSpeed and Megatron launches are
 refused with an error.
+
+Shutdown: :func:`shutdown_distributed` destroys the process group so that the group's last reference is a
+Python one, dropped inside it (see its docstring): a gloo group whose last reference goes away in a C++
+destructor that holds the GIL (DDP's Reducer) can deadlock on exit. :func:`init_distributed` registers it
+at exit too, for a run that never calls it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
+import importlib
 import os
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -79,17 +88,69 @@ def init_distributed(want_cuda: bool) -> tuple[int, int, int]:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if want_cuda:
             torch.cuda.set_device(local)
+        # imported before the group exists: its functions' defaults (group=group.WORLD, evaluated at import,
+        # an import DDP makes) would otherwise keep the default group alive until the interpreter's end
+        with contextlib.suppress(ImportError):
+            importlib.import_module("torch.distributed.nn")
         dist.init_process_group("nccl" if want_cuda else "gloo")
+        # a run that never calls shutdown_distributed (a script using Trainer) still tears the group down
+        # while the interpreter is whole, not in its finalisation (no barrier: a rank may be exiting on an error)
+        atexit.register(shutdown_distributed, barrier=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# Every DistributedDataParallel wrapper made by wrap_ddp, weakly: shutdown_distributed detaches each from the
+# process group before destroying it, wherever the wrapper is still referenced (a Trainer, a traceback).
+_DDP_WRAPPERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _detach_ddp(ddp) -> None:
+    """Drop a DDP wrapper's references to the process group: its C++ ``Reducer`` and ``Logger`` (the logger
+    holds the reducer, the reducer a C++ reference to the group) and its ``process_group``. The wrapper
+    cannot run a forward afterwards."""
+    for name in ("logger", "reducer", "process_group"):
+        vars(ddp).pop(name, None)
+
+
 def shutdown_distributed(barrier: bool = True) -> None:
-    """Destroy the default process group if one is up (end of ``grao train``)."""
+    """Destroy the process groups if any is up (end of ``grao train``; also registered at exit by
+    :func:`init_distributed`). ``barrier``: first wait for every rank (off on an error path, where another
+    rank may be stuck in a collective or gone).
+
+    Every DDP wrapper of :func:`wrap_ddp` is detached from the group first, and the group is destroyed while
+    this function holds its own Python references, dropped last: the group's destructor then runs here,
+    without the GIL (or, should other code still hold the group in Python, when that lets go: through the
+    same binding, also without the GIL).
+
+    Why: ``~ProcessGroupGloo`` joins the group's worker threads. A worker that finished a collective may
+    still hold that work (a barrier holds the works before it) and so the last reference to a tensor Python
+    has let go; dropping it decrefs the tensor's PyObject, which needs the GIL
+    (``TensorImpl::decref_pyobject`` -> ``gil_scoped_acquire``). If the group's last reference is dropped in
+    a C++ destructor that holds the GIL, the join waits for that worker and the worker for the GIL: a
+    deadlock on exit. That was ``grao train`` under DDP: after ``destroy_process_group`` the last reference
+    was the DDP ``Reducer``'s, dropped when the Trainer was freed (``pybind11 ... Reducer ...
+    dealloc_without_manipulating_gil`` -> ``~Reducer`` -> ``~ProcessGroupGloo`` -> ``std::thread::join``),
+    a stack taken with ``py-spy dump --native`` of a hung rank. torch binds its process-group classes with
+    a holder that releases the GIL before destructing them, so a *Python* last reference is safe; a C++
+    one is not (pytorch/pytorch#56297, "Audit destructors of classes bound using pybind11::class_ to see if
+    they can block; such cases can deadlock", quoting this destructor; #56381 and #154976 release the GIL
+    in the bindings' destructors; #56017 shows the same worker stack in ``decref_pyobject``).
+    tests/shutdown_worker.py hung within a few trials with the old order. Under FSDP2 torch's DTensor
+    caches keep the device mesh, and so the group, until the process ends; its destructor never runs.
+    """
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from torch.distributed import distributed_c10d as c10d
+    # ours: the default group and every other one (FSDP2's device mesh, ...), held past the destroy
+    groups = [dist.group.WORLD, *getattr(getattr(c10d, "_world", None), "pg_map", {})]
+    if barrier:
+        dist.barrier()
+    for ddp in list(_DDP_WRAPPERS):
+        _detach_ddp(ddp)
+    gc.collect()  # wrappers of other code left in reference cycles: their reducers go while we hold the group
+    dist.destroy_process_group()
+    groups.clear()  # the last references, Python ones: ~ProcessGroupGloo joins its threads here, GIL released
 
 
 def barrier() -> None:
@@ -175,7 +236,9 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
     # torch >= 2.13 names the option forward_sync_buffers (buffers still synced once at construction)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
-    return DistributedDataParallel(HiddenAndHead(model), device_ids=ids, **no_buffer_sync)
+    ddp = DistributedDataParallel(HiddenAndHead(model), device_ids=ids, **no_buffer_sync)
+    _DDP_WRAPPERS.add(ddp)  # detached from the group by shutdown_distributed
+    return ddp
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2

@@ -163,3 +163,17 @@ def test_the_demo_time_is_stated_once_the_same_everywhere(capsys):
     assert main(["demo", "--help"]) == 0
     assert DEMO_TIME in " ".join(capsys.readouterr().out.split())
     assert DEMO_TIME in " ".join(section("Quick start").split())
+
+
+def test_every_readme_benchmark_command_runs(tmp_path):
+    """The README's ``python ...`` benchmark commands, verbatim, with ``--out`` into a temporary folder (the
+    committed results stay as they are)."""
+    import sys
+    commands = [x for x in code_lines(section("Use 2: the benchmarks against the eager loss")) if x.startswith("python ")]
+    assert len(commands) == 3, commands
+    for i, command in enumerate(commands):
+        argv = command.split()[1:]
+        res = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / str(i))], cwd=REPO, capture_output=True,
+                             text=True, timeout=900, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert res.returncode == 0, f"{command}: {res.stderr[-2000:]}"
+        assert any((tmp_path / str(i)).rglob("*.json")), command

@@ -150,6 +150,24 @@ def current_rss() -> int:
     return rss if rss is not None else peak_rss()
 
 
+def start_peak(device: torch.device) -> int:
+    """Start measuring a peak above what is held now, and return that baseline in bytes: on CUDA the
+    allocator's peak is reset (after a synchronize), on CPU the kernel's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    before = current_rss()
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS counter (/proc/self/clear_refs)")
+    return before
+
+
+def peak_since_start(device: torch.device) -> int:
+    """The peak in bytes since :func:`start_peak` (CUDA: max_memory_allocated; CPU: peak RSS)."""
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True

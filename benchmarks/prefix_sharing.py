@@ -47,7 +47,7 @@ def one_point(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from benchmarks.common import current_rss, peak_rss, reset_peak_rss
+    from benchmarks.common import peak_since_start, start_peak
     from grao import demo
     from grao.trainer import Rollout, TrainConfig, Trainer
 
@@ -84,20 +84,13 @@ def one_point(args) -> dict:
 
     update(rollout(8, 4, args.G))  # warm-up: AdamW state, lazy imports, kernel set-up
     ro = rollout(args.prompt_len, args.completion_len, args.G)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = current_rss()
-        if not reset_peak_rss():
-            raise RuntimeError("cannot reset the peak RSS counter (/proc/self/clear_refs)")
+    before = start_peak(device)
     t0 = time.perf_counter()
     update(ro)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
+    peak = peak_since_start(device)
     return {"prompt_len": args.prompt_len, "completion_len": args.completion_len, "G": args.G, "layout": args.layout,
             "step_s": round(seconds, 3), "peak_mib": round((peak - before) / 2 ** 20, 1),
             "settings": "defaults" if args.defaults else "one pass"}

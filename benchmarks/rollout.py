@@ -108,7 +108,7 @@ def one_point(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from benchmarks.common import current_rss, peak_rss, reset_peak_rss
+    from benchmarks.common import peak_since_start, start_peak
     from grao import demo
     from grao.trainer import TrainConfig
     from grao.trainer.model import autocast_dtype
@@ -139,19 +139,14 @@ def one_point(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            before = current_rss()
-            if not reset_peak_rss():
-                raise RuntimeError("cannot reset the peak RSS counter (/proc/self/clear_refs)")
+        before = start_peak(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             samples = engine.generate(prompt_ids, G)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
+        peak = peak_since_start(device)
     except Exception as exc:  # noqa: BLE001 - every failure is a row (MemoryError, "not enough memory", ...)
         row["error"] = first_line(exc)
         return row

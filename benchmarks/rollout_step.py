@@ -39,25 +39,6 @@ STEP_COLUMNS = ("prompt_len", "engine", "step_s", "sample_s", "update_s", "peak_
                 "new_tokens_mean", "error")
 
 
-def build_step_tokenizer(vocab: int):
-    """demo.build_tokenizer's character tokenizer, padded with filler tokens "<t{i}>" to ``vocab`` entries so
-    that every id the model samples decodes (a filler is never produced by encoding: one token per character)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from grao import demo
-
-    names = demo.SPECIAL + demo.CHARS
-    names += [f"<t{i}>" for i in range(len(names), vocab)]
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>")
-    tok.padding_side = "left"
-    return tok
-
-
 def prepare_step_inputs(spec: dict, folder: Path) -> tuple[Path, Path]:
     """The model + tokenizer folder and a JSONL file of prompts of exactly ``prompt_len`` tokens."""
     import gc
@@ -65,7 +46,7 @@ def prepare_step_inputs(spec: dict, folder: Path) -> tuple[Path, Path]:
 
     from grao import demo
 
-    tok = build_step_tokenizer(spec["vocab"])
+    tok = demo.build_tokenizer(vocab_size=spec["vocab"])  # every sampled id decodes
     model_dir = folder / "model"
     model = build_model(dict(spec, token_ids={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                                               "pad_token_id": tok.pad_token_id}))

@@ -22,12 +22,16 @@ TASKS = ("reverse", "copy", "sort", "add", "copy_flawed", "needle")  # copy_flaw
 # grao/tasks_needle.py (long context)
 
 
-def build_tokenizer():
-    """Character-level PreTrainedTokenizerFast (pad 0, bos 1, eos 2, unk 3); decode joins characters."""
+def build_tokenizer(vocab_size: int | None = None):
+    """Character-level PreTrainedTokenizerFast (pad 0, bos 1, eos 2, unk 3); decode joins characters.
+    ``vocab_size``: pad the vocabulary with filler tokens ``<t{i}>`` to that many entries, so that every id a
+    larger model samples decodes (encoding never produces a filler: one token per character)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
+    names = SPECIAL + CHARS
+    names += [f"<t{i}>" for i in range(len(names), vocab_size or 0)]
+    vocab = {tok: i for i, tok in enumerate(names)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from grao.trainer import TrainConfig
-from grao.trainer.update import grao_rows, plan_micro_batches
+from grao.trainer.plan import plan_micro_batches
+from grao.trainer.update import grao_rows
 
 from .test_trainer import IMPLS, fixed_rollout, grads_of, tiny_trainer
 
@@ -104,13 +105,12 @@ def test_plan_micro_batches_by_tokens():
 
 def test_planned_passes_match_the_passes_made():
     """Under data parallelism the passes are agreed before the update: the plan must be what the update does."""
-    from grao.trainer.update import planned_passes
     for method, kw in (("grao", {"micro_batch_tokens": 12}), ("grao", {"micro": 3}),
                        ("grpo", {"micro_batch_tokens": 10}), ("dpo", {"micro_batch_tokens": 10}),
                        ("sft", {"micro_batch_tokens": 5})):
         t = tiny_trainer(method=method, **kw)
         ro = fixed_rollout(t)
-        planned = planned_passes(t.config, ro, t.tokenizer, prompt_kv=t.forward.can_share_prompt_kv)
+        planned = t.method.planned_passes(t.config, ro, t.tokenizer, prompt_kv=t.forward.can_share_prompt_kv)
         made: list[bool] = []
         prompt_forwards: list[bool] = []
 

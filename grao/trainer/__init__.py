@@ -7,7 +7,9 @@ Each module owns one job:
 * ``model.py``       loading the policy and tokenizer; backbone / lm_head split; autocast
 * ``rollout.py``     sampling G completions per prompt and scoring them (Rollout, RolloutEngine)
 * ``forward.py``     the policy's forward for the losses (through DDP / FSDP2) and the fused / eager loss choice
-* ``update.py``      one step's loss and gradients per method (GRAO, GRPO, SFT, DPO), micro-batched
+* ``methods.py``     one object per method (GRAO, GRPO, SFT, DPO): its rows, update, normaliser, checks
+* ``plan.py``        the micro-batch planner: which row ranges go through one forward/backward pass
+* ``update.py``      the per-method losses of one step, forward and backward over the planned micro-batches
 * ``distributed.py`` process group, DistributedDataParallel and FSDP2 set-up, the few collectives
 * ``checkpoint.py``  atomic checkpoints, resume, repair after a kill
 * ``metrics.py``     step metrics, metrics.jsonl / TensorBoard, plots and console curves
@@ -29,16 +31,18 @@ from grao.trainer.distributed import (
     shutdown_distributed,
 )
 from grao.trainer.forward import LossBackend, PolicyForward, pad_rows, resolve_loss_impl
+from grao.trainer.methods import REGISTRY, Method, accumulate_gradients, get_method
 from grao.trainer.metrics import ascii_curve, peak_memory_bytes, plot_history, smooth
 from grao.trainer.model import lm_parts, load_model_and_tokenizer
+from grao.trainer.plan import chunk_ranges, plan_micro_batches
 from grao.trainer.rollout import Rollout, RolloutEngine, prompt_seed
 from grao.trainer.trainer import Trainer, make_schedule
-from grao.trainer.update import accumulate_gradients, chunk_ranges
 
 __all__ = [
     "Trainer", "TrainConfig", "METHODS", "LOSS_IMPLS", "PARALLELS", "Rollout", "RolloutEngine", "PolicyForward",
     "LossBackend", "accumulate_gradients", "pad_rows", "chunk_ranges", "resolve_loss_impl", "lm_parts",
     "load_model_and_tokenizer", "make_schedule", "prompt_seed", "checkpoint_dirs", "recover_interrupted_saves",
     "STATE_FILE", "init_distributed", "launch_parallel", "shard_range", "shutdown_distributed", "plot_history",
-    "ascii_curve", "smooth", "peak_memory_bytes", "ConfigError",
+    "ascii_curve", "smooth", "peak_memory_bytes", "ConfigError", "Method", "REGISTRY", "get_method",
+    "plan_micro_batches",
 ]

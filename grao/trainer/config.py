@@ -14,10 +14,10 @@ from typing import Any
 
 from grao.baselines import GRPO_LOSS_TYPES
 from grao.demo import TASKS
+from grao.trainer.methods import METHODS, get_method
 from grao.rewards import check_reward_spec
 from grao_kernels._checks import warn_unusual_weights
 
-METHODS = ("grao", "grpo", "sft", "dpo")
 LOSS_IMPLS = ("auto", "fused", "eager")
 SCHEDULES = ("constant", "linear", "cosine")
 REWARD_ERROR_MODES = ("raise", "drop_group")
@@ -44,7 +44,7 @@ class TrainConfig:
     reward: Any = "exact_match"  # built-in name, "module:function", "reward_model:<path>", or a weighted list
     on_reward_error: str = "raise"  # raise (RewardError naming the reward) | drop_group (leave the prompt out, count it)
     trust_remote_code: bool = False  # run a model repository's own code (from_pretrained); only when asked
-    method: str = "grao"  # grao | grpo | sft | dpo
+    method: str = "grao"  # a name of methods.REGISTRY: grao | grpo | sft | dpo
     # sampling
     group_size: int = 8  # G
     prompts_per_step: int = 8  # P
@@ -106,9 +106,10 @@ class TrainConfig:
         loader check each value they read with the same :func:`check_field`, so the messages are the same."""
         for f in fields(self):
             setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
-        if self.method == "grpo" and self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2 with method grpo (its advantages are normalised over the "
-                              f"G samples), got {self.group_size}")
+        try:  # what the method asks of the other fields (Method.validate: GRPO's group size)
+            get_method(self.method).validate(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.task_max_len < self.task_min_len:
             raise ConfigError(f"task_max_len must be >= task_min_len ({self.task_min_len}), got {self.task_max_len}")
         if self.resume and self.overwrite:

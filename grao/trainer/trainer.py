@@ -5,8 +5,8 @@ One step, one method per phase:
 1. :meth:`Trainer.sample` takes P prompts with their references, samples G completions per prompt and
    scores them (``rollout.RolloutEngine``); with several processes each rank takes its shard;
 2. :meth:`Trainer.compute_gradients` runs the method's loss over the kept groups in micro-batches
-   (``update.accumulate_gradients``) through the policy's forward (``forward.PolicyForward``: backbone to
-   hidden states, the lm_head weight, the fused loss; DDP / FSDP2 when there are several processes);
+   (``Trainer.method``, a ``methods.Method``) through the policy's forward (``forward.PolicyForward``:
+   backbone to hidden states, the lm_head weight, the fused loss; DDP / FSDP2 with several processes);
 3. :meth:`Trainer.apply_update` clips the gradient norm and steps AdamW and the LR schedule, or skips the
    update when the loss or gradient is not finite (weights and optimizer state unchanged);
 4. :meth:`Trainer.step_metrics` assembles the step's metrics (``metrics``).
@@ -42,6 +42,7 @@ from grao.trainer import checkpoint as ckpt
 from grao.trainer import distributed as dist
 from grao.trainer.config import ConfigError, TrainConfig, check_resume
 from grao.trainer.forward import LossBackend, PolicyForward, resolve_loss_impl
+from grao.trainer.methods import Method, get_method
 from grao.trainer.metrics import (
     MetricsLog,
     peak_memory_bytes,
@@ -56,7 +57,6 @@ from grao.trainer.model import (
     load_model_and_tokenizer,
 )
 from grao.trainer.rollout import Rollout, RolloutEngine
-from grao.trainer.update import accumulate_gradients, loss_normaliser, planned_passes
 
 logger = logging.getLogger("grao")
 
@@ -91,6 +91,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, train_records=None, eval_records=None,
                  reward: Callable | None = None):
         self.config = cfg = config.validate()
+        self.method: Method = get_method(cfg.method)  # what the step trains with (methods.py)
         self._init_processes()
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -112,10 +113,9 @@ class Trainer:
             if cfg.eval_data and not cfg.eval_every:
                 warnings.warn("eval_data is set but eval_every is 0: it is never evaluated during training",
                               UserWarning, stacklevel=2)
-        if cfg.method == "dpo" and cfg.dpo_rejected == "column" and "rejected" not in self.train_records[0]:
-            raise ValueError("dpo_rejected='column' needs a 'rejected' column in the data")
+        self.method.check_records(cfg, self.train_records)
         self.ref_model = None
-        if cfg.method == "dpo" or (cfg.method == "grpo" and cfg.grpo_kl_beta > 0):
+        if self.method.needs_reference_model(cfg):
             self.ref_model = self._build_reference_model()  # replicated, also under FSDP
         self._arch_name = type(self.model).__name__
         if self.fsdp:
@@ -284,8 +284,8 @@ class Trainer:
 
     def accumulate_gradients(self, ro: Rollout, grad_scale: float = 1.0) -> dict[str, float]:
         """Forward/backward of the method's loss on ``ro`` in micro-batches (gradients accumulate in .grad)."""
-        return accumulate_gradients(self.config, self.forward, ro, grad_scale=grad_scale, ref_model=self.ref_model,
-                                    tokenizer=self.tokenizer)
+        return self.method.update(self.config, self.forward, ro, grad_scale=grad_scale, ref_model=self.ref_model,
+                                  tokenizer=self.tokenizer)
 
     def compute_gradients(self, kept: Rollout) -> tuple[dict[str, float], int]:
         """Phase 2: gradients of the step's loss over every rank's kept groups -> (global stats, kept prompts).
@@ -295,14 +295,15 @@ class Trainer:
         equals the one-process update on the global batch."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        local_norm = loss_normaliser(self.config, kept)
+        local_norm = self.method.loss_normaliser(self.config, kept)
         n_kept, norm = dist.all_reduce_sum([len(kept.prompt_ids), local_norm], self.device)
         if n_kept == 0:
             return {}, 0
         if self.world_size == 1:
             return self.accumulate_gradients(kept), int(n_kept)
         share = local_norm / norm
-        planned = planned_passes(self.config, kept, self.tokenizer, prompt_kv=self.forward.can_share_prompt_kv)
+        planned = self.method.planned_passes(self.config, kept, self.tokenizer,
+                                             prompt_kv=self.forward.can_share_prompt_kv)
         planned = dist.all_reduce_max(planned, self.device) if self.fsdp else max(1, planned)
         with self.forward.update(planned):
             local = self.accumulate_gradients(kept, share * self.world_size) if kept.prompt_ids else {}
@@ -382,8 +383,6 @@ class Trainer:
         errors = [e for sh in shards for e in sh["errors"]]
         sampled = rollout_stats([row for sh in shards for row in sh["rewards"]],
                                 [n for sh in shards for n in sh["lens"]], gen_seconds)
-        train_rows = {"grao": n_kept * (cfg.group_size + 1), "grpo": n_kept * cfg.group_size,
-                      "sft": n_kept, "dpo": 2 * n_kept}[cfg.method]
         metrics = {
             "step": self.step, "method": cfg.method,
             **{k: sampled[k] for k in ("reward_mean", "reward_std", "reward_reference", "frac_groups_all_equal")},
@@ -396,7 +395,7 @@ class Trainer:
             "prompts_truncated": sum(sh["truncated"] for sh in shards),  # cut to max_prompt_length, all ranks
             **{f"total_{k}": v for k, v in self.counters.items()},
             **{k: sampled[k] for k in ("completion_len_mean", "completion_len_max", "gen_tokens_per_s")},
-            "train_rows": train_rows,
+            "train_rows": self.method.trained_samples(cfg, n_kept),
             "step_seconds": seconds[0], "gen_seconds": gen_seconds, "update_seconds": seconds[1],
             "peak_memory_mb": peak_memory_bytes(self.device) / 2 ** 20,
             "sample": f"{ro.prompt_texts[0]!s}{ro.sample_texts[0][0]}",

@@ -1,11 +1,14 @@
-"""Methods are objects (``grao.trainer.methods``, issue 23, item 7).
+"""Methods are objects (``grao.trainer.methods``), config fields carry their own help (issue 23, item 7).
 
 Every registered method is a ``--method`` choice and trains through the same Trainer; an unknown one is the
-one-line ``grao: error:``; nothing in ``grao/`` compares the method's name.
+one-line ``grao: error:``; nothing in ``grao/`` compares the method's name; every TrainConfig field has one help
+text, in its metadata, and ``grao train --help`` shows it.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 from grao.cli import COMMANDS, build_parser, main
 from grao.cli.options import build_config
 from grao.trainer import REGISTRY, Method, TrainConfig, get_method
-from grao.trainer.config import METHODS
+from grao.trainer.config import METHODS, OPTIONS, SECTIONS
 from grao.trainer.methods import register
 
 from .test_trainer import fixed_rollout, tiny_trainer
@@ -85,3 +88,30 @@ def test_no_code_branches_on_the_method_name():
             if pattern.search(line.split("#")[0]):
                 hits.append(f"{path.relative_to(GRAO_DIR.parent)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+# ----------------------------------------------------------------------------------- one help text per field
+
+
+def test_every_field_has_its_help_in_its_metadata():
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert [n for section in SECTIONS.values() for n in section] == names  # each field once, in field order
+    for f in dataclasses.fields(TrainConfig):
+        text = f.metadata.get("help")
+        assert isinstance(text, str) and text.strip() and "\n" not in text, f.name
+        assert OPTIONS[f.name] is f.metadata["option"] and OPTIONS[f.name].help == text, f.name
+
+
+def test_train_help_shows_every_fields_help(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    shown = re.sub(r"\s+", "", text)  # argparse wraps lines, also inside hyphenated words
+    build_parser()
+    actions = {a.dest: a for a in COMMANDS["train"]._actions}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert re.search(rf"^  {flag}(?![\w-])", text, re.MULTILINE), flag
+        assert re.sub(r"\s+", "", f.metadata["help"]) in shown, f"{flag}: its help text is not in grao train --help"
+        action = actions[f.name]
+        assert action.default is None  # a flag not given leaves the field's (or the saved run's) value
+        assert isinstance(action, argparse.BooleanOptionalAction) == (OPTIONS[f.name].kind == "bool"), flag

@@ -1,5 +1,6 @@
-"""The CLI's options: one flag per TrainConfig field (help and checks from ``grao.trainer.config.SECTIONS``),
-the YAML ``--config`` loader, and an argparse parser whose errors are one ``grao: error: ...`` line.
+"""The CLI's options: one flag per TrainConfig field, generated from the field (its name, default, the help
+and accepted values in its metadata, its group in ``config.SECTIONS``), the YAML ``--config`` loader, and an
+argparse parser whose errors are one ``grao: error: ...`` line.
 
 Every value is checked where it enters, with the messages of ``TrainConfig.validate``: a flag by its argparse
 ``type`` (``--group-size must be an integer >= 1, got '0'``), a YAML key when the file is read
@@ -52,18 +53,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def _metavar(name: str) -> str:
-    opt = OPTIONS.get(name)
-    if opt is None:
-        return "VALUE"
+    opt = OPTIONS[name]
     if opt.kind in ("choice", "auto_bool"):
         return "{" + ",".join(opt.choices or ("auto", "true", "false")) + "}"
     return {"int": "N", "float": "X", "file": "FILE", "reward": "REWARD", "device": "DEVICE"}.get(opt.kind, "TEXT")
 
 
 def _help(name: str, default, text: str | None = None) -> str:
-    opt = OPTIONS.get(name)
-    text = text or (opt.help if opt is not None else name.replace("_", " "))
-    allowed = f"{opt.allowed()}; " if opt is not None and opt.kind in ("int", "float", "device") else ""
+    """The field's help (``metadata["help"]``, or ``text``), the values it accepts where they are a range, and the
+    default: "G: completions sampled per prompt (grpo: >= 2) (an integer >= 1; default: 8)"."""
+    opt = OPTIONS[name]
+    text = text or TrainConfig.__dataclass_fields__[name].metadata["help"]
+    allowed = f"{opt.allowed()}; " if opt.kind in ("int", "float", "device") else ""
     shown = str(default).lower() if isinstance(default, bool) or default is None else default
     return f"{text} ({allowed}default: {shown})".replace("%", "%%")
 
@@ -80,21 +81,18 @@ def _checker(name: str):
 def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = None, *, only: tuple = (),
                      exclude: tuple = (), helps: dict[str, str] | None = None) -> None:
     """One flag per TrainConfig field (``--group-size`` for group_size), grouped as in ``SECTIONS``; ``only``
-    limits them to the fields a command uses, ``helps`` replaces descriptions. Flags default to None (= not
-    given)."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    sections = [(title, [n for n in fields if n in names]) for title, fields in SECTIONS.items()]
-    listed = {n for _, ns in sections for n in ns}
-    sections.append(("other", [n for n in names if n not in listed]))
-    for title, section in sections:
-        section = [n for n in section if n not in exclude and (not only or n in only)]
+    limits them to the fields a command uses, ``helps`` replaces descriptions. A bool field is a
+    ``--flag/--no-flag`` pair, any other is checked by its field's :class:`Option` (``check_field``). Flags
+    default to None (= not given); the help shows the command's default."""
+    for title, names in SECTIONS.items():
+        section = [n for n in names if n not in exclude and (not only or n in only)]
         if not section:
             continue
         group = parser.add_argument_group(f"{title} options")
         for name in section:
             default = (defaults or {}).get(name, TrainConfig.__dataclass_fields__[name].default)
             flag = "--" + name.replace("_", "-")
-            if OPTIONS.get(name) is not None and OPTIONS[name].kind == "bool":
+            if OPTIONS[name].kind == "bool":
                 group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                    help=_help(name, default, (helps or {}).get(name)))
             else:

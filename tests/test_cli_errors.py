@@ -119,7 +119,7 @@ def test_warnings_print_as_one_grao_line(tmp_path):
 def test_every_option_has_a_description_and_its_allowed_values():
     build_parser()
     names = [f for f in TrainConfig.__dataclass_fields__]
-    assert sorted(OPTIONS) == sorted(names), "a TrainConfig field without a line in config.SECTIONS"
+    assert sorted(OPTIONS) == sorted(names), "a TrainConfig field without its Option (field metadata)"
     for name, opt in OPTIONS.items():
         assert opt.help and "\n" not in opt.help and opt.allowed(), name
     for cmd, parser in COMMANDS.items():

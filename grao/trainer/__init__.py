@@ -3,7 +3,7 @@
 Start at :class:`Trainer` (``trainer.py``): :meth:`Trainer.train_step` is one step, a method per phase.
 Each module owns one job:
 
-* ``config.py``      TrainConfig: every option, its default and its validation
+* ``config.py``      TrainConfig: every option, its default, its help text and its validation
 * ``model.py``       loading the policy and tokenizer; backbone / lm_head split; autocast
 * ``rollout.py``     sampling G completions per prompt and scoring them (Rollout, RolloutEngine)
 * ``forward.py``     the policy's forward for the losses (through DDP / FSDP2) and the fused / eager loss choice

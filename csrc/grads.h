@@ -215,7 +215,7 @@ void tile_grads(const Call& c, const Plan& p, Workspace& w, const Tile& t, float
   } else if (c.need_w) {
     grad_weight_bf16<T>(c, p, w, t, d);
   }
-  if (c.need_b && c.has_bias) grad_bias(c, t, z);
+  if (c.need_b && c.has_bias) grad_bias(c, t, d.z);
 }
 
 }  // namespace

@@ -6,9 +6,11 @@
 // and are tested against grao_kernels.reference (tests/test_native_cpu.py).
 //
 // Files (one translation unit: this file includes the others): this one, the entry point (argument checks,
-// dispatch on dtype) and the Python binding; pass.h the pass over token tiles and its design; rows.h the row
-// kernels and the online softmax; compact.h the compact bf16 tile; gemm.h the GEMMs (ATen, MKL's bf16 GEMM,
-// oneDNN's brgemm) and their operands' packing; hilo.h the bf16 dW accumulator; common.h what they share.
+// dispatch on dtype) and the Python binding; pass.h the pass over token tiles (pass_impl, one function per
+// variant) and its design; plan.h the isa bits, the plan and the workspace of a call; tile.h a tile's logits and
+// softmax; grads.h a tile's dh, dW and db; rows.h the row kernels and the online softmax; compact.h the compact
+// bf16 tile's row kernels; gemm.h the GEMMs (ATen, MKL's bf16 GEMM, oneDNN's brgemm) and their operands' packing;
+// hilo.h the bf16 dW accumulator; common.h what they share.
 
 #include "pass.h"
 

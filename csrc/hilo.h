@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common.h"
+#include "rows.h"  // to_bf16_avx512
 
 namespace {
 

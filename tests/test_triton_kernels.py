@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from grao_kernels.reference import grao_loss, grao_row_grad, group_advantages, linear_logits, token_logprobs
-from tests.numerics import assert_no_worse_than_eager, max_err
+from tests.numerics import assert_no_worse_than_eager, max_err, tol
 
 pytestmark = pytest.mark.triton
 
@@ -33,10 +33,10 @@ from grao_kernels._triton_linear import triton_logprob_backward, triton_logprob_
 IGNORE = -100
 
 
-def _tol(dtype: torch.dtype, device: str) -> float:
-    if dtype == torch.float32 or device == "cpu":
-        return 1e-5
-    return 1e-2
+def _tol(dtype: torch.dtype, device: str) -> tuple[float, float]:
+    """(atol, rtol) from tests/numerics.py's TOL. The interpreter forms bf16 inputs' products in fp32: on CPU
+    these kernels are held to fp32's tolerance, tighter than bf16's."""
+    return tol(torch.float32 if device == "cpu" else dtype)
 
 
 def _make_hidden(n: int, d: int, layout: str, dtype, device, gen) -> torch.Tensor:
@@ -101,13 +101,13 @@ def test_logprob_forward_backward(device, dtype, has_bias, temperature, layout, 
     lp64, ent64, g64 = _eager(hidden.double(), weight.double(), None if bias is None else bias.double(), labels,
                               temperature, grad_logp.double())
     lp_e, ent_e, g_e = _eager(hidden, weight, bias, labels, temperature, grad_logp)
-    tol = _tol(dtype, device)
+    atol, rtol = _tol(dtype, device)
 
     logp, lse, ent = triton_logprob_forward(hidden, weight, labels, bias, temperature=temperature,
                                             ignore_index=IGNORE, return_entropy=True)
     assert logp.dtype == torch.float32 and lse.dtype == torch.float32 and ent.dtype == torch.float32
-    assert_no_worse_than_eager(logp, lp_e, lp64, atol=tol, rtol=tol, what="logp")
-    assert_no_worse_than_eager(ent, ent_e, ent64, atol=tol, rtol=tol, what="entropy")
+    assert_no_worse_than_eager(logp, lp_e, lp64, atol=atol, rtol=rtol, what="logp")
+    assert_no_worse_than_eager(ent, ent_e, ent64, atol=atol, rtol=rtol, what="entropy")
     ignored = labels == IGNORE
     assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
 
@@ -123,7 +123,7 @@ def test_logprob_forward_backward(device, dtype, has_bias, temperature, layout, 
             assert got is None
             continue
         assert got.dtype == inp.dtype and got.shape == inp.shape
-        assert_no_worse_than_eager(got, eager, ref, atol=tol, rtol=tol, what=f"d{name}")
+        assert_no_worse_than_eager(got, eager, ref, atol=atol, rtol=rtol, what=f"d{name}")
     assert torch.equal(weight, weight_before), "the kernels must not write into the weight"
 
 
@@ -236,14 +236,14 @@ def test_grao_epilogue(device, prompts, group, seq_len, ref_in_stats, beta, lam)
 
     names = ("exploration", "imitation", "alignment")
     comp64 = torch.stack([st64[k] for k in names])
-    assert_no_worse_than_eager(components, torch.stack([st32[k] for k in names]), comp64, atol=1e-5, rtol=1e-5,
+    assert_no_worse_than_eager(components, torch.stack([st32[k] for k in names]), comp64, dtype=torch.float32,
                                what="components")
     assert abs(components.sum().item() - loss64.item()) <= 1e-5 * (1 + abs(loss64.item()))
-    assert_no_worse_than_eager(adv, st32["advantages"], st64["advantages"], atol=1e-5, rtol=1e-5, what="adv")
+    assert_no_worse_than_eager(adv, st32["advantages"], st64["advantages"], dtype=torch.float32, what="adv")
     assert (adv[0] == 0).all()  # constant group
-    assert_no_worse_than_eager(seq, st32["seq_logp"], st64["seq_logp"], atol=1e-5, rtol=1e-5, what="seq_logp")
+    assert_no_worse_than_eager(seq, st32["seq_logp"], st64["seq_logp"], dtype=torch.float32, what="seq_logp")
     assert torch.equal(counts.cpu(), st64["num_tokens"].cpu())
-    assert_no_worse_than_eager(grad, grad32, grad64, atol=1e-5, rtol=1e-5, what="grad_logp")
+    assert_no_worse_than_eager(grad, grad32, grad64, dtype=torch.float32, what="grad_logp")
     assert (grad[~mask] == 0).all() and (grad[0] == 0).all()
 
 
@@ -274,7 +274,7 @@ def test_group_advantages(device, ref_in_stats, rdtype):
         eager = group_advantages(rewards.float(), eps=1e-6, reference_in_stats=ref_in_stats)
         adv = triton_group_advantages(rewards, eps=1e-6, reference_in_stats=ref_in_stats)
         assert adv.dtype == torch.float32 and adv.shape == rewards.shape
-        assert_no_worse_than_eager(adv, eager, ref64, atol=1e-5, rtol=1e-5, what=f"advantages G={group}")
+        assert_no_worse_than_eager(adv, eager, ref64, dtype=torch.float32, what=f"advantages G={group}")
         assert (adv[0] == 0).all()
         if group == 1 and not ref_in_stats:  # one statistics reward: always constant
             assert (adv == 0).all()
@@ -301,15 +301,15 @@ def test_logprob_large_n_grid(dtype):
     g = torch.randn(n, generator=gen).to("cuda")
     lp64, ent64, g64 = _eager(hidden.double(), weight.double(), bias.double(), labels, 0.9, g.double())
     lp_e, ent_e, g_e = _eager(hidden, weight, bias, labels, 0.9, g)
-    tol = _tol(dtype, "cuda")
+    atol, rtol = _tol(dtype, "cuda")
     logp, lse, ent = triton_logprob_forward(hidden, weight, labels, bias, temperature=0.9, ignore_index=IGNORE,
                                             return_entropy=True)
-    assert_no_worse_than_eager(logp, lp_e, lp64, atol=tol, rtol=tol, what="logp")
-    assert_no_worse_than_eager(ent, ent_e, ent64, atol=tol, rtol=tol, what="entropy")
+    assert_no_worse_than_eager(logp, lp_e, lp64, atol=atol, rtol=rtol, what="logp")
+    assert_no_worse_than_eager(ent, ent_e, ent64, atol=atol, rtol=rtol, what="entropy")
     grads = triton_logprob_backward(hidden, weight, labels, bias, lse, g, temperature=0.9, ignore_index=IGNORE,
                                     need_hidden=True, need_weight=True, need_bias=True)
     for name, got, eager, ref in zip(("hidden", "weight", "bias"), grads, g_e, g64):
-        assert_no_worse_than_eager(got, eager, ref, atol=tol, rtol=tol, what=f"d{name}")
+        assert_no_worse_than_eager(got, eager, ref, atol=atol, rtol=rtol, what=f"d{name}")
     # the GRAO epilogue over many prompts
     prompts, group, seq_len = 70_000, 1, 3
     tlp = -torch.rand(prompts * (group + 1), seq_len, generator=gen, dtype=torch.float64).cuda()
@@ -347,10 +347,10 @@ def test_logprob_int64_offsets():
     h_live = hidden[live]
     lp64, _, g64 = _eager(h_live.double(), weight.double(), None, labels[live], 1.0, g[live].double())
     lp_e, _, g_e = _eager(h_live, weight, None, labels[live], 1.0, g[live])
-    assert_no_worse_than_eager(logp[live], lp_e, lp64, atol=1e-2, rtol=1e-2, what="logp")
+    assert_no_worse_than_eager(logp[live], lp_e, lp64, dtype=torch.bfloat16, what="logp")
     dh, dw, _ = triton_logprob_backward(hidden, weight, labels, None, lse, g, temperature=1.0, ignore_index=IGNORE,
                                         need_hidden=True, need_weight=True, need_bias=False)
-    assert_no_worse_than_eager(dh[live], g_e[0], g64[0], atol=1e-2, rtol=1e-2, what="dhidden")
-    assert_no_worse_than_eager(dw, g_e[1], g64[1], atol=1e-2, rtol=1e-2, what="dweight")
+    assert_no_worse_than_eager(dh[live], g_e[0], g64[0], dtype=torch.bfloat16, what="dhidden")
+    assert_no_worse_than_eager(dw, g_e[1], g64[1], dtype=torch.bfloat16, what="dweight")
     dh[live] = 0
     assert not dh.any(), "tokens with an ignored label must get no gradient"

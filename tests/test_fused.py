@@ -11,7 +11,7 @@ import torch
 import grao
 import grao_kernels
 import grao_kernels._chunked as chunked
-from tests.numerics import IGN, assert_no_worse_than_eager, make_problem, reference_entropy, tol
+from tests.numerics import assert_no_worse_than_eager, make_problem, reference_entropy, tol
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # On CPU the "triton" backend runs the kernels in the Triton interpreter (tests/conftest.py).

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from grao_kernels.reference import linear_grao_loss, linear_logits, token_logprobs
-from tests.numerics import assert_no_worse_than_eager, make_problem, tol
+from tests.numerics import assert_no_worse_than_eager, grad_weights, make_problem, tol
 
 pytestmark = pytest.mark.triton
 pytest.importorskip("triton")
@@ -34,15 +34,13 @@ IGNORE = -100
 
 
 def _inputs(n, d, v, dtype, device, seed, *, bias=True, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, d, generator=g) * scale).to(device=device, dtype=dtype)
-    weight = torch.randn(v, d, generator=g).to(device=device, dtype=dtype) / d ** 0.5
-    b = torch.randn(v, generator=g).to(device=device, dtype=dtype) if bias else None
-    labels = torch.randint(0, v, (n,), generator=g)
+    """n tokens of the shared builder (flat form): every 5th ignored, the first and last vocabulary columns used."""
+    p = make_problem(1, 0, n, d, v, dtype=dtype, device=device, seed=seed, ignore_frac=0.0, bias=bias, scale=scale,
+                     answer_token=False).flat()
+    labels = p.labels
     labels[::5] = IGNORE
     labels[1], labels[2] = 0, v - 1
-    grad = torch.randn(n, generator=g)
-    return hidden, weight, b, labels.to(device), grad.to(device)
+    return p.hidden, p.weight, p.bias, labels, grad_weights(n, seed=seed + 1).to(device)
 
 
 def _eager(hidden, weight, bias, labels, grad, temperature):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from grao_kernels.reference import grao_loss, grao_row_grad, group_advantages, linear_logits, token_logprobs
-from tests.numerics import assert_no_worse_than_eager, max_err, tol
+from tests.numerics import assert_no_worse_than_eager, grad_weights, make_problem, max_err, tol
 
 pytestmark = pytest.mark.triton
 
@@ -39,20 +39,22 @@ def _tol(dtype: torch.dtype, device: str) -> tuple[float, float]:
     return tol(torch.float32 if device == "cpu" else dtype)
 
 
-def _make_hidden(n: int, d: int, layout: str, dtype, device, gen) -> torch.Tensor:
-    if layout == "transposed":  # strides (1, N)
-        return torch.randn(d, n, generator=gen).to(device=device, dtype=dtype).t()
-    if layout == "sliced":  # strides (2D, 2) and an offset
-        return torch.randn(n, 2 * d + 1, generator=gen).to(device=device, dtype=dtype)[:, 1::2]
-    return torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
+def _with_layout(hidden: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same [N, D] values with other strides: "transposed" (1, N), "sliced" (2D, 2) and an offset."""
+    if layout == "transposed":
+        return hidden.t().contiguous().t()
+    if layout == "sliced":
+        buf = torch.zeros(hidden.shape[0], 2 * hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device)
+        buf[:, 1::2] = hidden
+        return buf[:, 1::2]
+    return hidden
 
 
-def _make_labels(n: int, v: int, device, gen) -> torch.Tensor:
-    labels = torch.randint(0, v, (n,), generator=gen)
+def _mark_labels(labels: torch.Tensor, v: int) -> torch.Tensor:
     labels[:17] = IGNORE  # the first token block (16 tokens under the interpreter) is all ignored
-    labels[n // 2] = IGNORE
+    labels[labels.shape[0] // 2] = IGNORE
     labels[17], labels[18] = 0, v - 1  # first and last vocabulary column
-    return labels.to(device)
+    return labels
 
 
 def _entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -86,16 +88,15 @@ CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,has_bias,temperature,layout,weight_t", CASES)
 def test_logprob_forward_backward(device, dtype, has_bias, temperature, layout, weight_t):
-    gen = torch.Generator().manual_seed(1234)
     n, d, v = 37, 24, 83
-    hidden = _make_hidden(n, d, layout, dtype, device, gen)
-    if weight_t:  # e.g. a weight stored transposed: strides (1, V)
-        weight = (0.5 * torch.randn(d, v, generator=gen)).to(device=device, dtype=dtype).t()
-    else:
-        weight = (0.5 * torch.randn(v, d, generator=gen)).to(device=device, dtype=dtype)
-    bias = torch.randn(v, generator=gen).to(device=device, dtype=dtype) if has_bias else None
-    labels = _make_labels(n, v, device, gen)
-    grad_logp = torch.randn(n, generator=gen).to(device)  # nonzero at ignored tokens too: must not matter
+    p = make_problem(1, 0, n, d, v, dtype=dtype, device=device, seed=1234, ignore_frac=0.0, bias=has_bias,
+                     weight_scale=0.5, answer_token=False).flat()
+    hidden = _with_layout(p.hidden, layout)
+    weight = p.weight.t().contiguous().t() if weight_t else p.weight  # e.g. a weight stored transposed: (1, V)
+    assert hidden.is_contiguous() == (layout == "contiguous") and weight.is_contiguous() != weight_t
+    bias = p.bias
+    labels = _mark_labels(p.labels, v)
+    grad_logp = grad_weights(n, seed=1235).to(device)  # nonzero at ignored tokens too: must not matter
     weight_before = weight.clone()
 
     lp64, ent64, g64 = _eager(hidden.double(), weight.double(), None if bias is None else bias.double(), labels,

@@ -11,11 +11,18 @@ import torch
 import grao
 import grao_kernels
 import grao_kernels._chunked as chunked
-from tests.numerics import assert_no_worse_than_eager, make_problem, reference_entropy, tol
+from tests.numerics import assert_no_worse_than_eager
+from tests.numerics import IGN, reference_entropy, tol
+from tests import numerics
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # On CPU the "triton" backend runs the kernels in the Triton interpreter (tests/conftest.py).
 BACKENDS = ["auto", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def make_problem(*args, **kwargs):
+    """tests.numerics.make_problem as (hidden, weight, bias, labels, rewards)."""
+    return numerics.make_problem(*args, **kwargs).tensors
 
 
 def _grads(loss, tensors):
@@ -51,7 +58,7 @@ def test_fused_grao_no_worse_than_eager(case, dtype, device, backend, monkeypatc
     monkeypatch.setattr(chunked, "DEFAULT_CHUNK_BYTES", 8 * 1024)  # many chunks, ragged last chunk
     prompts, group, seq_len, dim, vocab, temperature, with_bias = case
     hidden, weight, bias, labels, rewards = make_problem(prompts, group, seq_len, dim, vocab, dtype=dtype,
-                                                         device=device, bias=with_bias, seed=sum(case[:5])).tensors
+                                                         device=device, bias=with_bias, seed=sum(case[:5]))
     fused_fn = functools.partial(grao_kernels.fused_linear_grao_loss, backend=backend)
     fused, eager, ref = run_three_ways(fused_fn, grao.linear_grao_loss, hidden, weight, bias, labels, rewards,
                                        temperature=temperature)
@@ -73,8 +80,8 @@ def test_fused_grao_no_worse_than_eager(case, dtype, device, backend, monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_logprob_no_worse_than_eager(dtype, device, backend, monkeypatch):
     monkeypatch.setattr(chunked, "DEFAULT_CHUNK_BYTES", 4 * 1024)
-    hidden, weight, bias, labels, _ = make_problem(2, 2, 11, 33, 129, dtype=dtype, device=device, bias=True, seed=4,
-                                                   empty_rows=(0,)).tensors
+    hidden, weight, bias, labels, _ = make_problem(2, 2, 11, 33, 129, dtype=dtype, device=device, bias=True, seed=4)
+    labels[0] = IGN  # an empty row
     grad_out = torch.randn(labels.shape, device=device)
     results = []
     for fn, dt in ((grao_kernels.linear_logprob, None), (None, None), (None, torch.float64)):
@@ -120,7 +127,7 @@ def test_confident_token_keeps_precision(backend):
 def test_linear_logprob_backward_with_all_zero_gradient(backend):
     # Regression: a chunk of rows whose incoming gradient is all zero (e.g. GRPO micro-batch whose
     # advantages are all 0) left the chunked backward with no active token and a zero loop step.
-    hidden, weight, _, labels, _ = make_problem(1, 3, 4, 8, 19, dtype=torch.float32).tensors
+    hidden, weight, _, labels, _ = make_problem(1, 3, 4, 8, 19, dtype=torch.float32)
     hidden.requires_grad_()
     logp = grao_kernels.linear_logprob(hidden, weight, labels, backend=backend)
     (logp * 0.0).sum().backward()
@@ -128,7 +135,7 @@ def test_linear_logprob_backward_with_all_zero_gradient(backend):
 
 
 def test_float64_matches_eager_to_rounding():
-    hidden, weight, bias, labels, rewards = make_problem(2, 4, 6, 9, 31, dtype=torch.float64, bias=True).tensors
+    hidden, weight, bias, labels, rewards = make_problem(2, 4, 6, 9, 31, dtype=torch.float64, bias=True)
     fused, eager, _ = run_three_ways(grao_kernels.fused_linear_grao_loss, grao.linear_grao_loss, hidden, weight,
                                      bias, labels, rewards, temperature=0.5, beta=0.3, lam=1.1)
     assert fused[0].dtype == torch.float64
@@ -138,7 +145,7 @@ def test_float64_matches_eager_to_rounding():
 
 
 def test_reference_outside_stats_and_options_pass_through():
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float64).tensors
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float64)
     kwargs = dict(beta=0.2, lam=0.1, eps=1e-3, reference_in_stats=False)
     a, sa = grao_kernels.fused_linear_grao_loss(hidden, weight, labels, rewards, **kwargs)
     b, sb = grao.linear_grao_loss(hidden, weight, labels, rewards, **kwargs)
@@ -166,7 +173,7 @@ def test_noncontiguous_hidden_and_tied_weight():
 
 
 def test_equal_rewards_zero_gradient_fused():
-    hidden, weight, _, labels, _ = make_problem(2, 3, 4, 8, 19, dtype=torch.float32).tensors
+    hidden, weight, _, labels, _ = make_problem(2, 3, 4, 8, 19, dtype=torch.float32)
     hidden.requires_grad_()
     rewards = torch.full((2, 4), 0.3)
     loss, _ = grao_kernels.fused_linear_grao_loss(hidden, weight, labels, rewards)
@@ -175,7 +182,7 @@ def test_equal_rewards_zero_gradient_fused():
 
 
 def test_no_grad_forward_and_double_backward_scaling():
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float64).tensors
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float64)
     with torch.no_grad():
         a, _ = grao_kernels.fused_linear_grao_loss(hidden, weight, labels, rewards)
     h = hidden.clone().requires_grad_()
@@ -190,7 +197,7 @@ def test_no_grad_forward_and_double_backward_scaling():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_backward_through_one_loss_is_refused(backend):
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32).tensors
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32)
     hidden.requires_grad_()
     loss, _ = grao_kernels.fused_linear_grao_loss(hidden, weight, labels, rewards, backend=backend)
     loss.backward(retain_graph=True)
@@ -216,7 +223,7 @@ def test_group_advantages_public(backend):
     dict(backend="cuda-please", match="backend must be one of"),
 ])
 def test_fused_validation_matches_eager(bad):
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32).tensors
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32)
     match = bad.pop("match")
     rewards = bad.pop("rewards", rewards)
     with pytest.raises(grao.GRAOInputError, match=match):

@@ -25,7 +25,8 @@ from grao_kernels import cpu_native, reference
 from grao_kernels._backend import resolve_backend
 from grao_kernels._checks import GRAOInputError
 from grao_kernels._chunked import chunked_linear_logprob
-from tests.numerics import IGN, TOL, assert_no_worse_than_eager, make_problem, reference_logprob
+from tests.numerics import assert_no_worse_than_eager
+from tests.numerics import IGN, TOL, make_problem, reference_logprob
 
 BF16 = torch.bfloat16
 FUZZ = settings(max_examples=40, deadline=None, derandomize=bool(os.environ.get("CI")), print_blob=True,

@@ -135,27 +135,29 @@ def test_public_ops_run_the_gemm_design_when_asked(device, dtype, monkeypatch):
     prob = make_problem(2, 3, 6, 16, 97, dtype=dtype, device=device, seed=5, ignore_frac=0.0, prompt_len=2,
                         weight_scale=0.25, answer_token=False)
     hidden, weight, labels, rewards = prob.hidden, prob.weight, prob.labels, prob.rewards
-    coef = torch.linspace(-1, 1, labels.numel(), device=device).view_as(labels)
-
-    def both_ops(loss_fn, logprob_fn, dt=None, **kw):
-        h, w = (t.detach().to(dt or t.dtype).clone().requires_grad_() for t in (hidden, weight))
-        loss, _ = loss_fn(h, w, labels, rewards.to(torch.float64 if dt == torch.float64 else rewards.dtype), **kw)
-        loss.backward()
-        h2, w2 = (t.detach().to(dt or t.dtype).clone().requires_grad_() for t in (hidden, weight))
-        logp = logprob_fn(h2, w2, labels, **kw)
-        (logp * coef.to(logp.dtype)).sum().backward()
-        return loss.detach(), h.grad, w.grad, logp.detach(), h2.grad, w2.grad
-
-    def eager_logprob(h, w, labels):
-        return token_logprobs(linear_logits(h, w), labels, ignore_index=IGNORE)
-
     results = {}
     for design, backend in (("gemm", "triton"), ("tiles", "torch")):
         monkeypatch.setenv(CUDA_DESIGN_ENV, design)
-        results[design] = both_ops(grao_kernels.fused_linear_grao_loss, grao_kernels.linear_logprob, backend=backend)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _ = grao_kernels.fused_linear_grao_loss(h, w, labels, rewards, backend=backend)
+        loss.backward()
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp = grao_kernels.linear_logprob(h2, w2, labels, backend=backend)
+        (logp * torch.linspace(-1, 1, logp.numel(), device=device).view_as(logp)).sum().backward()
+        results[design] = (loss.detach(), h.grad, w.grad, logp.detach(), h2.grad, w2.grad)
     assert len(calls) == 3  # the GRAO pass, linear_logprob's forward and its backward
-    eager = both_ops(linear_grao_loss, eager_logprob)
-    ref = both_ops(linear_grao_loss, eager_logprob, torch.float64)
+    coef = torch.linspace(-1, 1, labels.numel(), device=device).view_as(labels)
+
+    def both_ops(dt=None):  # the eager reference's run of the same two calls, in ``dt`` (None: the inputs')
+        h, w = (t.detach().to(dt or t.dtype).clone().requires_grad_() for t in (hidden, weight))
+        loss, _ = linear_grao_loss(h, w, labels, rewards.to(torch.float64 if dt == torch.float64 else rewards.dtype))
+        loss.backward()
+        h2, w2 = (t.detach().to(dt or t.dtype).clone().requires_grad_() for t in (hidden, weight))
+        logp = token_logprobs(linear_logits(h2, w2), labels, ignore_index=IGNORE)
+        (logp * coef.to(logp.dtype)).sum().backward()
+        return loss.detach(), h.grad, w.grad, logp.detach(), h2.grad, w2.grad
+
+    eager, ref = both_ops(), both_ops(torch.float64)
     names = ("loss", "dhidden", "dweight", "logp", "logprob dhidden", "logprob dweight")
     for design in ("gemm", "tiles"):  # each judged by the reference, neither by the other
         for name, f, e, r in zip(names, results[design], eager, ref, strict=True):

@@ -14,7 +14,10 @@
   (float64: the reference; the inputs' dtype: the eager path), with the gradients of ``sum(grad_logp * logp)``.
 
 It lives in tests/ because it is test code (nothing here is shipped by setup.py); benchmarks/ imports it as
-``tests.numerics`` (both are run from the repository root, where ``tests`` is a package).
+``tests.numerics`` (both are run from the repository root, where ``tests`` is a package): the benchmark checks
+(benchmarks/test_bench_loss.py) build their problem here and use TOL. The timed inputs stay
+``benchmarks.common.make_inputs``: drawn in place on the device in the timed dtype (up to N = 8192, V = 151936),
+where a float64 draw on the CPU would cost gigabytes, and with no ignored tokens by design.
 """
 
 from __future__ import annotations

@@ -21,7 +21,18 @@ BENCH = Path(__file__).resolve().parent
 COMMITTED = re.compile(r"""["']benchmarks["']\s*[,/]\s*["']results["']""")
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("test_")))
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("test_"))
+
+
+def test_the_scan_can_fail():
+    """The check below could pass forever with a pattern that matches nothing or an empty list of scripts."""
+    assert {"compare.py", "rollout.py", "gpu_check.py", "common.py"} <= set(SCRIPTS), SCRIPTS
+    assert COMMITTED.search('out = os.path.join(ROOT, "benchmarks", "results")')
+    assert COMMITTED.search("out = REPO / 'benchmarks' / 'results' / 'cpu'")
+    assert not COMMITTED.search('help="--out benchmarks/results/cpu to update the committed table"')
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_no_script_defaults_to_the_committed_results(script):
     source = (BENCH / script).read_text(encoding="utf-8")
     assert not COMMITTED.search(source), f"{script} builds a path into benchmarks/results/: use runs/ by default"

@@ -8,7 +8,7 @@ import torch
 
 import grao
 import grao_kernels
-from tests.test_fused import make_problem
+from tests.numerics import make_problem
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def _fresh_dynamo():
 
 @pytest.mark.filterwarnings("ignore::grao_kernels.GRAOUnusedGradientWarning")  # opcheck runs the op without backward
 def test_custom_ops_pass_opcheck():
-    hidden, weight, bias, labels, rewards = make_problem(2, 2, 3, 8, 13, dtype=torch.float32, bias=True)
+    hidden, weight, bias, labels, rewards = make_problem(2, 2, 3, 8, 13, dtype=torch.float32, bias=True).tensors
     hidden.requires_grad_()
     weight.requires_grad_()
     op = torch.ops.grao_kernels.fused_linear_grao.default
@@ -37,7 +37,7 @@ def test_custom_ops_pass_opcheck():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_grao_loss_matches_eager(backend):
-    hidden, weight, bias, labels, rewards = make_problem(2, 3, 5, 16, 29, dtype=torch.float32, bias=True)
+    hidden, weight, bias, labels, rewards = make_problem(2, 3, 5, 16, 29, dtype=torch.float32, bias=True).tensors
 
     def step(h, w, b):
         loss, stats = grao_kernels.fused_linear_grao_loss(h, w, labels, rewards, bias=b, temperature=0.8)
@@ -57,7 +57,7 @@ def test_compiled_grao_loss_matches_eager(backend):
 
 
 def test_compiled_logprob_dot_matches_eager():
-    hidden, weight, bias, labels, _ = make_problem(2, 2, 5, 16, 29, dtype=torch.float32, bias=True)
+    hidden, weight, bias, labels, _ = make_problem(2, 2, 5, 16, 29, dtype=torch.float32, bias=True).tensors
     coef = torch.randn(labels.shape, generator=torch.Generator().manual_seed(7))
 
     def step(h, w, b):
@@ -79,7 +79,7 @@ def test_compiled_logprob_dot_matches_eager():
 
 
 def test_compiled_linear_logprob_matches_eager():
-    hidden, weight, _, labels, _ = make_problem(1, 2, 4, 8, 19, dtype=torch.float32)
+    hidden, weight, _, labels, _ = make_problem(1, 2, 4, 8, 19, dtype=torch.float32).tensors
 
     def token_nll(h, w):
         logp = grao_kernels.linear_logprob(h, w, labels)
@@ -98,7 +98,7 @@ def test_compiled_linear_logprob_matches_eager():
 @pytest.mark.parametrize("op", ["grao", "logprob"])
 def test_compiled_under_autocast_matches_eager_autocast(op):
     """fullgraph compile through the ops' autocast rule: bf16 hidden, fp32 weight, inside torch.autocast."""
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 5, 16, 29, dtype=torch.float32)
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 5, 16, 29, dtype=torch.float32).tensors
     hidden = hidden.bfloat16()
 
     def step(h, w):
@@ -124,7 +124,7 @@ def test_explain_of_a_step_counts_the_graphs_of_eager(op):
     """A step that graph-breaks at loss.backward() (as a step with backward does): the fused op gives the
     graphs and breaks the eager ops give; dynamo does not also compile the op's Python backward into a
     graph of its own (issue 13: one extra graph and break vs eager in torch._dynamo.explain)."""
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 5, 16, 29, dtype=torch.float32)
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 5, 16, 29, dtype=torch.float32).tensors
     fns = {"grao": (lambda h, w: grao_kernels.fused_linear_grao_loss(h, w, labels, rewards)[0],
                     lambda h, w: grao.linear_grao_loss(h, w, labels, rewards)[0]),
            "logprob": (lambda h, w: grao_kernels.linear_logprob(h, w, labels).sum(),

@@ -4,6 +4,7 @@ when a loss computed with grad enabled is never back-propagated (issue 13)."""
 from __future__ import annotations
 
 import gc
+import re
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ import grao
 import grao_kernels
 import grao_kernels._limits as limits
 from tests.numerics import assert_no_worse_than_eager
-from tests.test_fused import make_problem
+from tests.numerics import make_problem
 
 IGN = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -59,7 +60,7 @@ def test_autocast_equals_the_op_on_inputs_cast_to_the_autocast_dtype(op, dtypes,
     gradients of fp32 leaves arrive in fp32 through the cast."""
     hidden_dtype, weight_dtype = dtypes
     hidden, weight, bias, labels, rewards = make_problem(2, 3, 5, 24, 83, dtype=torch.float32, device=device,
-                                                         bias=True, seed=3)
+                                                         bias=True, seed=3).tensors
     hidden = hidden.to(hidden_dtype)
     weight, bias = weight.to(weight_dtype), bias.to(weight_dtype)
     with torch.autocast(device, dtype=amp):
@@ -78,7 +79,7 @@ def test_autocast_fused_no_worse_than_eager_autocast(device):
     """The eager reference accepts the same mixed inputs under autocast (its matmul autocasts); the fused
     loss is no further from float64 than it."""
     hidden, weight, bias, labels, rewards = make_problem(2, 3, 6, 32, 97, dtype=torch.float32, device=device,
-                                                         bias=True, seed=5)
+                                                         bias=True, seed=5).tensors
     hidden = hidden.to(torch.bfloat16)
     results = []
     for fn in (grao_kernels.fused_linear_grao_loss, grao.linear_grao_loss):
@@ -100,7 +101,7 @@ def test_autocast_fused_no_worse_than_eager_autocast(device):
 
 
 def test_autocast_leaves_rewards_and_float64_alone():
-    hidden, weight, _, labels, _ = make_problem(2, 3, 4, 8, 19, dtype=torch.float32)
+    hidden, weight, _, labels, _ = make_problem(2, 3, 4, 8, 19, dtype=torch.float32).tensors
     rewards = torch.tensor([[0.1234567, 0.7654321, 0.3333333, 0.0], [1.0, 0.123, 0.456, 0.0]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, stats = grao_kernels.fused_linear_grao_loss(hidden, weight, labels, rewards)
@@ -113,7 +114,7 @@ def test_autocast_leaves_rewards_and_float64_alone():
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_mixed_dtypes_outside_autocast_still_refused(op):
-    hidden, weight, bias, labels, rewards = make_problem(1, 2, 3, 8, 11, dtype=torch.float32, bias=True)
+    hidden, weight, bias, labels, rewards = make_problem(1, 2, 3, 8, 11, dtype=torch.float32, bias=True).tensors
     with pytest.raises(grao.GRAOInputError, match="weight dtype must equal hidden dtype torch.bfloat16"):
         OPS[op](hidden.bfloat16(), weight, bias, labels, rewards, "auto")
     with pytest.raises(grao.GRAOInputError, match="bias dtype must equal hidden dtype"):
@@ -126,7 +127,7 @@ def test_mixed_dtypes_outside_autocast_still_refused(op):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_double_backward_is_refused_by_name(op, backend):
-    hidden, weight, bias, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32, bias=True)
+    hidden, weight, bias, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32, bias=True).tensors
     h = hidden.requires_grad_()
     loss, _ = OPS[op](h, weight, bias, labels, rewards, backend)
     eager = "grao.linear_grao_loss" if op == "fused_linear_grao_loss" else "grao.token_logprobs"
@@ -137,14 +138,53 @@ def test_double_backward_is_refused_by_name(op, backend):
     assert g.shape == h.shape and bool(g.abs().sum() > 0)
 
 
-def test_double_backward_alternative_named_in_the_error_works():
-    """A gradient penalty through the eager loss the error names: it has a grad_fn and reaches the weight."""
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float64)
-    h, w = hidden.requires_grad_(), weight.requires_grad_()
-    loss, _ = grao.linear_grao_loss(h, w, labels, rewards)
-    (g,) = torch.autograd.grad(loss, h, create_graph=True)
-    g.pow(2).sum().backward()
+EAGER_TWIN = {  # the eager equivalent each fused op's double-backward error names, called like the op
+    "fused_linear_grao_loss": lambda name: lambda h, w, b, labels, rewards: (
+        getattr(grao, name)(h, w, labels, rewards, bias=b, temperature=0.8)[0]),
+    "linear_logprob": lambda name: lambda h, w, b, labels, rewards: (
+        _logprob_weights(labels) * getattr(grao, name)(grao.linear_logits(h, w, b, 0.8), labels)).sum(),
+}
+
+
+def _logprob_weights(labels):  # _logprob's
+    return torch.linspace(-1, 2, labels.numel(), device=labels.device).view_as(labels)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_double_backward_alternative_named_in_the_error_works(op):
+    """The eager function the fused op's double-backward error names is a drop-in for it: the same value and
+    gradients as the fused op (float64, to rounding), and, unlike the fused op, differentiable twice: the gradient
+    of a gradient penalty through it matches a central finite difference."""
+    hidden, weight, bias, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float64, bias=True).tensors
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    fused, _ = OPS[op](*leaves, labels, rewards, "auto")
+    with pytest.raises(grao_kernels.GRAOUnsupportedError) as refused:
+        torch.autograd.grad(fused, leaves[0], create_graph=True)
+    named = re.search(r"use the eager grao\.(\w+)", str(refused.value))
+    assert named, str(refused.value)
+    twin = EAGER_TWIN[op](named.group(1))
+    fused_grads = torch.autograd.grad(fused, leaves)
+
+    eager = twin(*leaves, labels, rewards)
+    torch.testing.assert_close(eager.detach(), fused.detach(), rtol=1e-12, atol=1e-12)
+    eager_grads = torch.autograd.grad(eager, leaves, create_graph=True)
+    for f, e in zip(fused_grads, eager_grads, strict=True):
+        torch.testing.assert_close(e.detach(), f, rtol=1e-10, atol=1e-12)
+
+    def penalty(w):
+        h = hidden.clone().requires_grad_()
+        (g,) = torch.autograd.grad(twin(h, w, bias, labels, rewards), h, create_graph=True)
+        return g.pow(2).sum()
+
+    w = weight.clone().requires_grad_()
+    penalty(w).backward()
     assert w.grad is not None and bool(w.grad.abs().sum() > 0)
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    step = 1e-5
+    with torch.enable_grad():
+        numeric = (penalty(weight + step * direction) - penalty(weight - step * direction)).item() / (2 * step)
+    analytic = (w.grad * direction).sum().item()
+    assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric, analytic)
 
 
 # ----------------------------------------------------------------------- gradients computed, never used
@@ -164,7 +204,7 @@ def _caught(fn):
 
 
 def test_loss_dropped_without_backward_warns_once(fresh_warning):
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32)
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32).tensors
     h = hidden.requires_grad_()
 
     def log_twice():
@@ -178,7 +218,7 @@ def test_loss_dropped_without_backward_warns_once(fresh_warning):
 
 
 def test_no_warning_when_gradients_are_used_or_not_computed(fresh_warning):
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32)
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 4, 8, 19, dtype=torch.float32).tensors
     h = hidden.requires_grad_()
 
     def used_or_not_computed():
@@ -195,7 +235,7 @@ def test_no_warning_when_gradients_are_used_or_not_computed(fresh_warning):
 
 def test_deferred_route_named_in_the_warning_equals_the_fused_loss():
     """grao_kernels.reference.grao_loss on linear_logprob: the same loss and gradients, gradient work in backward."""
-    hidden, weight, _, labels, rewards = make_problem(2, 3, 5, 16, 41, dtype=torch.float64)
+    hidden, weight, _, labels, rewards = make_problem(2, 3, 5, 16, 41, dtype=torch.float64).tensors
     grads = []
     for route in ("fused", "deferred"):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

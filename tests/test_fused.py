@@ -12,27 +12,17 @@ import grao
 import grao_kernels
 import grao_kernels._chunked as chunked
 from tests.numerics import assert_no_worse_than_eager
+from tests.numerics import IGN, reference_entropy, tol
+from tests import numerics
 
-IGN = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # On CPU the "triton" backend runs the kernels in the Triton interpreter (tests/conftest.py).
 BACKENDS = ["auto", pytest.param("triton", marks=pytest.mark.triton)]
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float16: (1e-5, 1e-2)}
 
 
-def make_problem(prompts, group, seq_len, dim, vocab, *, dtype, device="cpu", seed=0, ignore_frac=0.3,
-                 bias=False, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    rows = prompts * (group + 1)
-    hidden = torch.randn(rows, seq_len, dim, generator=gen) * scale
-    weight = torch.randn(vocab, dim, generator=gen) / dim ** 0.5
-    b = torch.randn(vocab, generator=gen) if bias else None
-    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen)
-    labels[torch.rand(rows, seq_len, generator=gen) < ignore_frac] = IGN
-    labels[group::group + 1, -1] = torch.randint(0, vocab, (prompts,), generator=gen)
-    rewards = torch.randn(prompts, group + 1, generator=gen)
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(hidden), cast(weight), cast(b), labels.to(device), rewards.to(device)
+def make_problem(*args, **kwargs):
+    """tests.numerics.make_problem as (hidden, weight, bias, labels, rewards)."""
+    return numerics.make_problem(*args, **kwargs).tensors
 
 
 def _grads(loss, tensors):
@@ -72,7 +62,7 @@ def test_fused_grao_no_worse_than_eager(case, dtype, device, backend, monkeypatc
     fused_fn = functools.partial(grao_kernels.fused_linear_grao_loss, backend=backend)
     fused, eager, ref = run_three_ways(fused_fn, grao.linear_grao_loss, hidden, weight, bias, labels, rewards,
                                        temperature=temperature)
-    atol, rtol = TOL[dtype]
+    atol, rtol = tol(dtype)
     assert_no_worse_than_eager(fused[0], eager[0], ref[0], atol=atol, rtol=rtol, what="loss")
     assert_no_worse_than_eager(fused[1], eager[1], ref[1], atol=atol, rtol=rtol, what="components")
     assert abs(fused[1].sum().item() - fused[0].item()) <= 1e-5 * (1 + abs(fused[0].item()))
@@ -96,21 +86,20 @@ def test_linear_logprob_no_worse_than_eager(dtype, device, backend, monkeypatch)
     results = []
     for fn, dt in ((grao_kernels.linear_logprob, None), (None, None), (None, torch.float64)):
         ins = [(t.detach().to(dt) if dt else t.detach()).requires_grad_() for t in (hidden, weight, bias)]
-        if fn is None:
-            logp, ent = (grao.token_logprobs(grao.linear_logits(ins[0], ins[1], ins[2], 0.8), labels), None)
-            logits = grao.linear_logits(ins[0], ins[1], ins[2], 0.8).double()
-            ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) * (labels != IGN)
+        if fn is None:  # the eager reference in the inputs' dtype, then in float64
+            logits = grao.linear_logits(ins[0], ins[1], ins[2], 0.8)
+            logp, ent = grao.token_logprobs(logits, labels), reference_entropy(logits.detach(), labels)
         else:
             logp, ent = fn(ins[0], ins[1], labels, bias=ins[2], temperature=0.8, return_entropy=True,
                            backend=backend)
         grads = torch.autograd.grad((logp * grad_out.to(logp.dtype)).sum(), ins)
         results.append((logp.detach(), ent.detach(), grads))
-    (f_logp, f_ent, f_grads), (e_logp, _, e_grads), (r_logp, r_ent, r_grads) = results
-    atol, rtol = TOL[dtype]
+    (f_logp, f_ent, f_grads), (e_logp, e_ent, e_grads), (r_logp, r_ent, r_grads) = results
+    atol, rtol = tol(dtype)
     assert f_logp.dtype == torch.float32 and f_logp.shape == labels.shape
     assert torch.count_nonzero(f_logp[0]) == 0
     assert_no_worse_than_eager(f_logp, e_logp, r_logp, atol=atol, rtol=rtol, what="logp")
-    torch.testing.assert_close(f_ent.double(), r_ent, rtol=1e-4 if dtype == torch.float32 else 5e-2, atol=1e-4)
+    assert_no_worse_than_eager(f_ent, e_ent, r_ent, atol=atol, rtol=rtol, what="entropy")
     for name, f, e, r in zip(("hidden", "weight", "bias"), f_grads, e_grads, r_grads):
         assert_no_worse_than_eager(f, e, r, atol=atol, rtol=rtol, what=f"d{name}")
 

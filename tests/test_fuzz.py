@@ -25,14 +25,12 @@ import grao
 import grao_kernels
 import grao_kernels._chunked as chunked
 from grao import GRAOInputError
-from tests.numerics import assert_no_worse_than_eager
+from tests.numerics import IGN, TOL, assert_no_worse_than_eager, make_problem
 
 # beta and lam are drawn from [0, 2] on purpose: their "outside [0, 1]" UserWarning is expected here
 pytestmark = pytest.mark.filterwarnings(r"ignore:(beta|lam)=.* is outside \[0, 1\]:UserWarning")
 
-IGN = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-10)}
 FUZZ = settings(max_examples=60, deadline=None, derandomize=bool(os.environ.get("CI")), print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -58,18 +56,10 @@ def problems(draw):
 
 
 def make_tensors(p, device):
-    gen = torch.Generator().manual_seed(p["seed"])
-    prompts, group, seq_len, dim, vocab = p["prompts"], p["group"], p["seq_len"], p["dim"], p["vocab"]
-    rows, width = prompts * (group + 1), group + 1
-    hidden = torch.randn(rows, seq_len, dim, generator=gen, dtype=torch.float64) * p["scale"]
-    weight = torch.randn(vocab, dim, generator=gen, dtype=torch.float64) / dim ** 0.5
-    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if p["bias"] else None
-    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen)
-    labels[torch.rand(rows, seq_len, generator=gen) < p["ignore_frac"]] = IGN
-    refs = torch.arange(group, rows, width)
-    empty = (labels[refs] == IGN).all(-1)  # keep every reference row non-empty
-    pos = torch.randint(0, seq_len, (prompts,), generator=gen)
-    labels[refs[empty], pos[empty]] = torch.randint(0, vocab, (int(empty.sum()),), generator=gen)
+    """The shared builder's problem (tests/numerics.py) with the drawn sizes and scales, and rewards of the drawn
+    kind (from their own generator)."""
+    gen = torch.Generator().manual_seed(p["seed"] + 7)
+    prompts, width = p["prompts"], p["group"] + 1
     kind = p["rewards"]
     if kind == "ternary":
         rewards = torch.randint(-1, 2, (prompts, width), generator=gen).double()
@@ -82,9 +72,9 @@ def make_tensors(p, device):
         rewards = torch.randn(prompts, width, generator=gen, dtype=torch.float64) * 1e4
     else:
         rewards = torch.randn(prompts, width, generator=gen, dtype=torch.float64)
-    dtype = p["dtype"]
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(hidden), cast(weight), cast(bias), labels.to(device), rewards.to(device=device, dtype=dtype)
+    prob = make_problem(prompts, p["group"], p["seq_len"], p["dim"], p["vocab"], dtype=p["dtype"], device=device,
+                        seed=p["seed"], ignore_frac=p["ignore_frac"], bias=p["bias"], scale=p["scale"], rewards=rewards)
+    return prob.hidden, prob.weight, prob.bias, prob.labels, prob.rewards
 
 
 class chunk_budget:  # noqa: N801 - a context manager (hypothesis and function-scoped monkeypatch don't mix)

@@ -15,10 +15,8 @@ import grao_kernels._chunked as chunked
 from grao_kernels import GRAOInputError, GRAOUnsupportedError
 from grao_kernels._backend import CUDA_DESIGN_ENV
 from grao_kernels.reference import linear_logprob_dot
-from tests.numerics import assert_no_worse_than_eager
-from tests.test_fused import TOL
+from tests.numerics import IGN, assert_no_worse_than_eager, make_problem, tol
 
-IGN = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = ["auto", "torch", pytest.param("triton", marks=pytest.mark.triton),
             pytest.param("triton-gemm", marks=pytest.mark.triton)]  # backend "triton", CUDA design "gemm"
@@ -32,19 +30,11 @@ CASES = [
 
 
 def make(rows, seq_len, dim, vocab, *, bias, packed, dtype, device, seed):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, seq_len, dim, generator=gen)
-    weight = torch.randn(vocab, dim, generator=gen) / dim ** 0.5
-    b = torch.randn(vocab, generator=gen) if bias else None
-    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen)
-    labels[torch.rand(rows, seq_len, generator=gen) < 0.3] = IGN
-    labels[0] = IGN  # an empty row
-    coef = torch.randn(rows, seq_len, generator=gen)
-    coef[labels == IGN] = 123.0  # entries at ignored tokens must not be used
-    if packed:
-        hidden, labels, coef = hidden.reshape(-1, dim), labels.reshape(-1), coef.reshape(-1)
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(hidden), cast(weight), cast(b), labels.to(device), coef.to(device)
+    """The shared builder's problem with ``rows`` rows, row 0 empty; ``packed``: labels [N] (the flat form)."""
+    p = make_problem(1, rows - 1, seq_len, dim, vocab, dtype=dtype, device=device, seed=seed, bias=bias,
+                     empty_rows=(0,), answer_token=False)
+    p = p.flat() if packed else p
+    return p.hidden, p.weight, p.bias, p.labels, p.coef
 
 
 def three_ways(backend, hidden, weight, bias, labels, coef, temperature):
@@ -77,7 +67,7 @@ def test_no_worse_than_eager(case, dtype, device, backend, monkeypatch):
     hidden, weight, bias, labels, coef = make(rows, seq_len, dim, vocab, bias=with_bias, packed=packed, dtype=dtype,
                                               device=device, seed=sum(case[:4]))
     fused, eager, ref = three_ways(backend, hidden, weight, bias, labels, coef, temperature)
-    atol, rtol = TOL[dtype]
+    atol, rtol = tol(dtype)
     assert fused[0].dtype == torch.float32 and fused[1].dtype == torch.float32 and fused[1].shape == labels.shape
     assert torch.count_nonzero(fused[1][labels == IGN]) == 0
     assert_no_worse_than_eager(fused[0], eager[0], ref[0], atol=atol, rtol=rtol, what="value")
@@ -122,16 +112,16 @@ def test_tied_weight_and_noncontiguous_hidden():
     assert not hidden.is_contiguous()
     labels = torch.randint(0, 53, (20,), generator=gen)
     coef = torch.randn(20, generator=gen)
-    h = hidden.clone().requires_grad_()
-    value, _ = grao_kernels.fused_linear_logprob_dot(h, emb.weight, labels, coef)
-    value.backward()
-    h_ref = hidden.clone().double().requires_grad_()
-    w_ref = emb.weight.detach().double().requires_grad_()
-    ref, _ = linear_logprob_dot(h_ref, w_ref, labels, coef)
-    ref.backward()
-    torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.grad.double(), h_ref.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(emb.weight.grad.double(), w_ref.grad, rtol=1e-4, atol=1e-5)
+    runs = []
+    for fn, dt in ((grao_kernels.fused_linear_logprob_dot, torch.float32), (linear_logprob_dot, torch.float32),
+                   (linear_logprob_dot, torch.float64)):  # the fused op, the eager reference in fp32, in float64
+        h = hidden.clone().to(dt).requires_grad_()
+        w = emb.weight if fn is grao_kernels.fused_linear_logprob_dot else emb.weight.detach().to(dt).requires_grad_()
+        value, _ = fn(h, w, labels, coef)
+        value.backward()
+        runs.append((value.detach(), h.grad, w.grad))
+    for name, f, e, r in zip(("value", "dhidden", "dweight"), *runs):
+        assert_no_worse_than_eager(f, e, r, dtype=torch.float32, what=name)
 
 
 def test_no_grad_and_frozen_inputs():

@@ -12,8 +12,8 @@ import torch
 import grao
 import grao_kernels
 from grao_kernels import GRAOInputError
+from tests.numerics import IGN, make_problem
 
-IGN = -100
 P, G, T, D, V = 2, 3, 5, 8, 11
 B = P * (G + 1)
 
@@ -21,14 +21,11 @@ LOSSES = {"eager": grao.linear_grao_loss, "fused": grao_kernels.fused_linear_gra
 
 
 def problem(seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, D, generator=gen, dtype=dtype)
-    weight = torch.randn(V, D, generator=gen, dtype=dtype)
-    labels = torch.randint(0, V, (B, T), generator=gen)
-    labels[:, :2] = IGN  # the prompt
-    labels[0, -1] = IGN  # padding
-    rewards = torch.randn(P, G + 1, generator=gen, dtype=dtype)
-    return hidden, weight, labels, rewards
+    """The shared builder's P=2, G=3 problem of T=5 tokens: a 2-token prompt, row 0's last token padding."""
+    p = make_problem(P, G, T, D, V, dtype=dtype, seed=seed, ignore_frac=0.0, prompt_len=2, weight_scale=1.0,
+                     answer_token=False)
+    p.labels[0, -1] = IGN  # padding
+    return p.hidden, p.weight, p.labels, p.rewards.to(dtype)
 
 
 def packed(labels):

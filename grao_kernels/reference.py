@@ -1,9 +1,8 @@
 """The GRAO objective in plain PyTorch: the eager reference, docs/spec.md in code.
 
-This module is the judge. Every fused path (Triton kernels, the chunked CPU path) is
-tested against these functions, and the small per-prompt math (advantages, the three
-loss components, the per-token gradient coefficients) is written only here; the CPU
-fused path calls it directly and the Triton epilogue kernel is tested against it.
+This module is the judge. Every backend is tested against these functions, and the small
+per-prompt math (advantages, the three loss components, the per-token gradient coefficients)
+is written only here: the fused GRAO loss calls it on every backend.
 
 It lives in the kernel package, so the math is written once and ``grao_kernels``
 depends on torch and triton only; ``grao.reference`` (and ``grao``) re-export it.
@@ -16,15 +15,18 @@ from __future__ import annotations
 
 import torch
 
-from grao_kernels._checks import (
+from grao_kernels.checks import (
     GRAOInputError,
     check_grao_hyper,
     check_linear_grao_inputs,
+    check_linear_inputs,
+    check_logprob_coef,
+    check_packed_grao_inputs,
     check_reference_rows,
     check_rewards,
+    check_scalar,
     check_tensor,
 )
-from grao_kernels._packed_checks import check_packed_grao_inputs
 
 COMPONENTS = ("exploration", "imitation", "alignment")
 
@@ -185,8 +187,6 @@ def linear_logprob_dot(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     ``grao_kernels.fused_linear_logprob_dot`` (same arguments and errors). Returns (value, logp): value
     float32 (float64 for float64 inputs) differentiable w.r.t. hidden, weight and bias; logp [labels.shape]
     detached, 0 at ignored tokens; coefficients at ignored tokens are not used."""
-    from grao_kernels._checks import check_linear_inputs, check_logprob_coef, check_scalar
-
     check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     check_logprob_coef(coef, labels)
     temperature = check_scalar("temperature", temperature, positive=True)

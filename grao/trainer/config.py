@@ -15,7 +15,7 @@ from typing import Any
 from grao.baselines import GRPO_LOSS_TYPES
 from grao.demo import TASKS
 from grao.rewards import check_reward_spec
-from grao_kernels._checks import warn_unusual_weights
+from grao_kernels.checks import warn_unusual_weights
 
 METHODS = ("grao", "grpo", "sft", "dpo")
 LOSS_IMPLS = ("auto", "fused", "eager")

@@ -58,10 +58,10 @@ def register_autocast_rule(name: str, cast_args: tuple[int, ...]) -> None:
     for device_type, key_name in AUTOCAST_KEYS.items():
         keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
 
-        def kernel(_keyset, *args, _device_type=device_type, _excluded=keyset):
+        def kernel(_keyset, *args, _device_type=device_type, _excluded=keyset, **kwargs):
             dtype = torch.get_autocast_dtype(_device_type)
             args = tuple(_cast(a, dtype, _device_type) if i in cast_args else a for i, a in enumerate(args))
             with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return overload(*args)
+                return overload(*args, **kwargs)
 
         _LIB.impl(name, kernel, key_name, with_keyset=True)

@@ -1,6 +1,6 @@
-"""Triton kernels: per-token log-probabilities through the lm_head without [N, V] logits.
+"""The triton-tiles backend: Triton tile kernels for per-token log-probabilities through the lm_head, no [N, V] logits.
 
-Host functions (called by the autograd wrappers in ``grao_kernels``):
+Host functions (the dispatch table's "triton-tiles" entries, grao_kernels.dispatch):
 
 * :func:`triton_logprob_forward`  -> (logp [N] fp32, lse [2, N] fp32, entropy [N] fp32 | None)
 * :func:`triton_logprob_backward` -> (dhidden [N, D], dweight [V, D], dbias [V]) in the input dtypes
@@ -33,8 +33,8 @@ nothing. The fp32 buffers are cast once, at the end, to the input dtypes. FLOPs:
 2NDV, backward 6NDV (recompute, dh, dW). fp32 atomics make the summation order (and so the
 last bits of the gradients) run-to-run nondeterministic on GPU.
 
-Precision: fp32 inputs use ``input_precision="ieee"`` dots (set ``FP32_DOT_PRECISION = "tf32"``
-to trade accuracy for speed); bf16/fp16 inputs use tensor-core dots with fp32 accumulation,
+Precision: fp32 inputs use ``input_precision="ieee"`` dots (``KernelOptions(fp32_dot_precision="tf32")``
+trades accuracy for speed); bf16/fp16 inputs use tensor-core dots with fp32 accumulation,
 dz is rounded to the input dtype only as a dot operand. Under ``TRITON_INTERPRET=1`` all dot
 operands are cast to fp32 (the interpreter's bf16 ``tl.dot`` is wrong in triton 3.9).
 Offsets are computed in int64 so N*D or V*D above 2**31 is fine.
@@ -42,16 +42,11 @@ Offsets are computed in int64 so N*D or V*D above 2**31 is fine.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from grao_kernels._backend import triton_interpreting
-
-# "ieee" (exact fp32, default: the tests hold fp32 results to 1e-5) or "tf32" (faster on GPU).
-FP32_DOT_PRECISION = "ieee"
-
+from grao_kernels.options import triton_interpreting
 
 # ----------------------------------------------------------------------------------------------
 # Forward
@@ -171,11 +166,12 @@ def _bwd_config(dtype: torch.dtype) -> dict:
     return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP": 8, "num_warps": 8, "num_stages": 2}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # input_precision only matters for fp32 operands; bf16/fp16 keep Triton's default ("tf32").
+def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    # input_precision only matters for fp32 operands ("ieee", the default, holds fp32 results to 1e-5; "tf32"
+    # is faster on GPU); bf16/fp16 keep Triton's default ("tf32").
     if triton_interpreting():
         return "ieee"
-    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+    return fp32_precision if dtype == torch.float32 else "tf32"
 
 
 def _num_sms(device: torch.device) -> int:
@@ -199,7 +195,7 @@ def _check_common(hidden, weight, labels, bias):
 
 def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            bias: torch.Tensor | None, *, temperature: float, ignore_index: int,
-                           return_entropy: bool, num_v_splits: int | None = None
+                           return_entropy: bool, num_v_splits: int | None = None, fp32_precision: str = "ieee"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of ``labels`` under softmax((hidden @ weight.T + bias) / temperature).
 
@@ -209,6 +205,7 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         bias: [V] or None. temperature: > 0. return_entropy: also return the softmax entropy.
         num_v_splits: optional override of how many vocabulary splits the forward uses
             (default: chosen from the device's SM count; mainly for tests).
+        fp32_precision: "ieee" or "tf32", the dots' precision for fp32 inputs (KernelOptions.fp32_dot_precision).
 
     Returns:
         logp [N] fp32 (0 where labels == ignore_index), lse [2, N] fp32: the row max m of the
@@ -249,7 +246,7 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_b, labels.stride(0),
         1.0 / float(temperature), int(ignore_index),
         HAS_BIAS=bias is not None, NEED_ENTROPY=bool(return_entropy), DOT_FP32=triton_interpreting(),
-        PRECISION=_dot_precision(hidden.dtype),
+        PRECISION=_dot_precision(hidden.dtype, fp32_precision),
         **cfg,
     )
     valid = labels != ignore_index
@@ -351,7 +348,8 @@ def _logprob_bwd_kernel(
 def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                             bias: torch.Tensor | None, lse: torch.Tensor, grad_logp: torch.Tensor, *,
                             temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
-                            need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                            need_bias: bool, fp32_precision: str = "ieee"
+                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum_n grad_logp[n] * logp[n] w.r.t. hidden, weight and bias.
 
     Args:
@@ -391,7 +389,7 @@ def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
             bias.stride(0) if bias is not None else 0, labels.stride(0), lse.stride(1), grad_logp.stride(0),
             1.0 / float(temperature), int(ignore_index),
             HAS_BIAS=bias is not None, NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=need_bias,
-            DOT_FP32=triton_interpreting(), PRECISION=_dot_precision(hidden.dtype),
+            DOT_FP32=triton_interpreting(), PRECISION=_dot_precision(hidden.dtype, fp32_precision),
             **cfg,
         )
     if dh is not None and hidden.dtype != f32:

@@ -1,11 +1,9 @@
 """Input validation shared by the eager reference and the fused kernels (padded and token-packed inputs).
 
-Every public loss validates its inputs here, so the eager and fused paths raise the
-same errors for the same bad input. Messages name the argument and give the expected
-and actual shape / dtype / device. Nothing is broadcast, truncated or repaired.
-
-Part of the kernel package (which depends on torch and triton only);
-:class:`GRAOInputError` is exported by ``grao_kernels`` and re-exported by ``grao``.
+Every public op validates its inputs here, so the eager and fused paths raise the same
+:class:`GRAOInputError` (exported by ``grao_kernels``, re-exported by ``grao``) for the same
+bad input, naming the argument and the expected and actual shape / dtype / device. Nothing
+is broadcast, truncated or repaired.
 """
 
 from __future__ import annotations

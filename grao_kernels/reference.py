@@ -1,14 +1,10 @@
 """The GRAO objective in plain PyTorch: the eager reference, docs/spec.md in code.
 
-This module is the judge. Every backend is tested against these functions, and the small
-per-prompt math (advantages, the three loss components, the per-token gradient coefficients)
-is written only here: the fused GRAO loss calls it on every backend.
-
-It lives in the kernel package, so the math is written once and ``grao_kernels``
-depends on torch and triton only; ``grao.reference`` (and ``grao``) re-export it.
-
-Layout (see the spec): B = P * (G + 1) rows, the G samples of a prompt first and its
-reference answer last; per-token tensors are [B, T]; rewards are [P, G + 1].
+This module is the judge: every backend is tested against it, and the small per-prompt math
+(advantages, the three loss components, the per-token gradient coefficients) is written only
+here, which the fused GRAO loss calls on every backend; ``grao.reference`` (and ``grao``)
+re-export it. Layout (see the spec): B = P * (G + 1) rows, each prompt's G samples first and
+its reference answer last; per-token tensors are [B, T]; rewards are [P, G + 1].
 """
 
 from __future__ import annotations

@@ -264,13 +264,14 @@ def measure(impl_name: str, p: Point, device: str, *, warmup: int = 1, repeats: 
 
 def prepare_native_cpu() -> None:
     """Build (or load) the native CPU kernel in this process before any worker needs it: a first build (about
-    45 s, one stderr line, grao_kernels.cpu_native) then happens once, visibly, and not inside a measured worker
+    45 s, one stderr line, grao_kernels.cpu.native) then happens once, visibly, and not inside a measured worker
     whose output is captured. Nothing happens with GRAO_KERNELS_CPU=chunked."""
-    from grao_kernels import cpu_native
+    from grao_kernels.cpu import native
+    from grao_kernels.options import process_defaults
 
     try:
-        if cpu_native.cpu_path() != "chunked":
-            cpu_native.load_native()
+        if process_defaults().cpu != "chunked":
+            native.load_native()
     except Exception as exc:  # noqa: BLE001 - GRAO_KERNELS_CPU=native without a kernel: the workers record it
         print(f"# native CPU kernel: {type(exc).__name__}: {exc}", file=sys.stderr)
 

@@ -8,8 +8,9 @@ Budgeted to finish in under 8 minutes on one H100/H200:
 1. ``pytest -m "not slow" tests/`` (the CUDA-marked tests run on the device; ~3 min cap);
 2. a bf16 matmul to measure the card's dense throughput (the FLOP floor's denominator);
 3. forward + backward time and peak memory, each implementation in turn (``--impls``): eager, the
-   fused GRAO loss in both CUDA designs (``fused`` = tile kernels, ``fused_gemm`` = GEMM chunks + a
-   Triton row kernel), ``linear_logprob`` in both designs (``logprob``, ``logprob_gemm``), and the
+   fused GRAO loss in both CUDA designs by backend name (``fused_gemm`` = backend "triton-gemm", the default
+   of "auto": GEMM chunks + a Triton row kernel; ``fused_tiles`` = "triton-tiles", the tile kernels),
+   ``linear_logprob`` in both designs (``logprob_gemm``, ``logprob_tiles``), and the
    peers Cut Cross-Entropy and Liger-Kernel, on:
    - the issue's headline: bf16, N = 16384 (P=1, G=7, T=2048), D = 4096, V = 151936 (Qwen3-8B head);
    - the published peers' shape: bf16, N = 4096, D = 4096, V = 128256;
@@ -117,8 +118,10 @@ def matmul_tflops(dtype_name: str = "bf16", n: int = 8192, reps: int = 20, devic
     return 2.0 * n ** 3 / (times[len(times) // 2] * 1e-3) / 1e12
 
 
-ALL_IMPLS = "eager,fused,fused_gemm,logprob,logprob_gemm,cce,liger_grpo"
-FUSED_ONLY = ("fused", "fused_gemm", "logprob", "logprob_gemm")
+ALL_IMPLS = "eager,fused_gemm,fused_tiles,logprob_gemm,logprob_tiles,cce,liger_grpo"
+#: --cpu-smoke: the CUDA designs do not run on CPU; "fused" / "logprob" (backend "auto") take the same code path
+SMOKE_IMPLS = "eager,fused,logprob,cce,liger_grpo"
+FUSED_ONLY = ("fused", "fused_gemm", "fused_tiles", "logprob", "logprob_gemm", "logprob_tiles")
 
 
 def points(smoke: bool = False):
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tests-timeout", type=float, default=180.0)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments (space separated)")
-    ap.add_argument("--impls", default=ALL_IMPLS)
+    ap.add_argument("--impls", default=None, help=f"comma-separated (default {ALL_IMPLS}; --cpu-smoke: {SMOKE_IMPLS})")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run the script's code path on CPU with tiny shapes and no tests (checks the script only)")
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if args.cpu_smoke:
         args.skip_tests = True
+    if args.impls is None:
+        args.impls = SMOKE_IMPLS if args.cpu_smoke else ALL_IMPLS
     if args.out is None:
         args.out = (os.path.join(ROOT, "runs", "gpu_check_smoke") if args.cpu_smoke
                     else os.environ.get("OUT") or os.path.join(ROOT, "runs", "bench", "gpu"))

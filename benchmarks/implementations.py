@@ -7,8 +7,9 @@ so the harness (``benchmarks.common.measure``) times and measures forward + back
 
 Implementations (``IMPLEMENTATIONS``):
 - ``eager``: ``grao.linear_grao_loss`` (materialises the [N, V] logits; the judge).
-- ``fused``: ``grao_kernels.fused_linear_grao_loss`` (Triton on CUDA, the native C++ kernel on CPU);
-  ``fused_chunked`` / ``logprob_chunked``: the same ops on the chunked PyTorch CPU path (GRAO_KERNELS_CPU=chunked).
+- ``fused``: ``grao_kernels.fused_linear_grao_loss`` (backend "auto": triton-gemm on CUDA, the native C++ kernel
+  on CPU); ``fused_gemm`` / ``fused_tiles`` and ``logprob_gemm`` / ``logprob_tiles``: the two CUDA designs by
+  backend name; ``fused_chunked`` / ``logprob_chunked``: the same ops with backend="chunked" (CPU rows).
 - ``liger_grpo``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (chunked PyTorch, github.com/linkedin/Liger-Kernel).
   It computes GRPO, not GRAO. It is fed the GRPO problem of the same N, D, V, on-policy, no KL,
   ``loss_type="grpo"``, with one advantage per row chosen so that its gradient equals GRAO's
@@ -22,8 +23,6 @@ Implementations (``IMPLEMENTATIONS``):
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -101,70 +100,37 @@ def _fused(device):
     return loss_fn
 
 
-@contextlib.contextmanager
-def env_override(var: str, value: str):
-    """Environment variable ``var`` set to ``value`` for the duration, restored (or removed) after."""
-    old = os.environ.get(var)
-    os.environ[var] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
-
-
-def cuda_design(design: str):
-    """GRAO_KERNELS_CUDA_DESIGN for the duration (the Triton backend's design: "tiles" or "gemm")."""
-    from grao_kernels._backend import CUDA_DESIGN_ENV
-    return env_override(CUDA_DESIGN_ENV, design)
-
-
-def cpu_path(path: str):
-    """GRAO_KERNELS_CPU for the duration: "native" (csrc/grao_cpu.cpp) or "chunked" (the PyTorch chunked path)."""
-    from grao_kernels.cpu_native import CPU_PATH_ENV
-    return env_override(CPU_PATH_ENV, path)
-
-
-def _cpu_chunked(op: str):
+def _fused_on(backend: str):
+    """The fused GRAO loss with an explicit ``backend``: "triton-gemm" / "triton-tiles" (the two CUDA designs,
+    measured side by side by benchmarks/gpu_check.py) or "chunked" (a CPU comparison row)."""
     def factory(device):
-        if device.type != "cpu":
-            raise Unavailable("the chunked PyTorch path row is a CPU comparison (GRAO_KERNELS_CPU=chunked)")
-        inner = _fused(device) if op == "grao" else _logprob(None)(device)
+        if backend.startswith("triton") and device.type != "cuda":
+            raise Unavailable(f"backend={backend!r} is a CUDA design")
+        if backend == "chunked" and device.type != "cpu":
+            raise Unavailable("the chunked PyTorch path row is a CPU comparison (backend='chunked')")
+        from grao_kernels import fused_linear_grao_loss
 
         def loss_fn(hidden, weight, labels, rewards, bias=None):
-            with cpu_path("chunked"):  # linear_logprob's backward runs the backend chosen in its forward
-                return inner(hidden, weight, labels, rewards, bias)
+            # the fused GRAO loss computes its gradients in this call
+            return fused_linear_grao_loss(hidden, weight, labels, rewards, bias=bias, backend=backend)[0]
 
         return loss_fn
 
     return factory
 
 
-def _fused_gemm(device):
-    if device.type != "cuda":
-        raise Unavailable("the GEMM-chunk design is a CUDA path (cuBLAS GEMMs + a Triton row kernel)")
-    from grao_kernels import fused_linear_grao_loss
-
-    def loss_fn(hidden, weight, labels, rewards, bias=None):
-        with cuda_design("gemm"):  # the fused GRAO loss computes its gradients in this call
-            return fused_linear_grao_loss(hidden, weight, labels, rewards, bias=bias)[0]
-
-    return loss_fn
-
-
-def _logprob(design: str | None):
+def _logprob(backend: str = "auto"):
+    """linear_logprob (its backward runs the backend its forward resolved) + reference.grao_loss."""
     def factory(device):
-        if design is not None and device.type != "cuda":
-            raise Unavailable(f"linear_logprob's '{design}' design is a CUDA path")
+        if backend.startswith("triton") and device.type != "cuda":
+            raise Unavailable(f"linear_logprob's backend={backend!r} is a CUDA design")
+        if backend == "chunked" and device.type != "cpu":
+            raise Unavailable("the chunked PyTorch path row is a CPU comparison (backend='chunked')")
         from grao_kernels import linear_logprob
         from grao_kernels.reference import grao_loss
 
         def loss_fn(hidden, weight, labels, rewards, bias=None):
-            # the design is fixed when linear_logprob is called; its backward runs the same one
-            with cuda_design(design) if design else contextlib.nullcontext():
-                logp = linear_logprob(hidden, weight, labels, bias=bias)
+            logp = linear_logprob(hidden, weight, labels, bias=bias, backend=backend)
             return grao_loss(logp, labels, rewards)[0]
 
         return loss_fn
@@ -231,23 +197,27 @@ def _cce(device):
 IMPLEMENTATIONS: dict[str, Impl] = {
     "eager": Impl("eager", "GRAO", _eager, ("grao-kernels",), "grao.linear_grao_loss: full [N, V] logits"),
     "fused": Impl("fused", "GRAO", _fused, ("grao-kernels",),
-                  "grao_kernels.fused_linear_grao_loss: Triton on CUDA, native C++ kernel on CPU"),
+                  "grao_kernels.fused_linear_grao_loss: triton-gemm on CUDA, native C++ kernel on CPU"),
     "liger_grpo": Impl("liger_grpo", "GRPO (GRAO-equal gradient)", _liger, ("liger-kernel",),
                        "Liger-Kernel LigerFusedLinearGRPOLoss, loss_type='grpo', beta=0, on-policy, compiled=False"),
     "cce": Impl("cce", "GRAO via CCE per-token NLL", _cce, ("cut-cross-entropy",),
                 "cut_cross_entropy.linear_cross_entropy(reduction='none') + grao.grao_loss"),
-    # CUDA design candidates (issue 14), measured side by side by benchmarks/gpu_check.py
-    "fused_gemm": Impl("fused_gemm", "GRAO", _fused_gemm, ("grao-kernels",),
-                       "fused_linear_grao_loss, GEMM-chunk design (GRAO_KERNELS_CUDA_DESIGN=gemm)"),
-    "logprob": Impl("logprob", "GRAO via linear_logprob", _logprob(None), ("grao-kernels",),
+    # The two CUDA designs by backend name (issue 14), measured side by side by benchmarks/gpu_check.py
+    "fused_gemm": Impl("fused_gemm", "GRAO", _fused_on("triton-gemm"), ("grao-kernels",),
+                       "fused_linear_grao_loss, backend='triton-gemm' (cuBLAS GEMM chunks + a Triton row kernel)"),
+    "fused_tiles": Impl("fused_tiles", "GRAO", _fused_on("triton-tiles"), ("grao-kernels",),
+                        "fused_linear_grao_loss, backend='triton-tiles' (Triton tile kernels)"),
+    "logprob": Impl("logprob", "GRAO via linear_logprob", _logprob(), ("grao-kernels",),
                     "grao_kernels.linear_logprob (gradient in backward, recompute) + reference.grao_loss",
                     op="logprob"),
     # The CPU paths side by side (issue 11): "fused" / "logprob" take the native kernel on CPU, these the chunked one.
-    "fused_chunked": Impl("fused_chunked", "GRAO", _cpu_chunked("grao"), ("grao-kernels",),
-                          "fused_linear_grao_loss, chunked PyTorch path (GRAO_KERNELS_CPU=chunked)"),
-    "logprob_chunked": Impl("logprob_chunked", "GRAO via linear_logprob", _cpu_chunked("logprob"), ("grao-kernels",),
-                            "linear_logprob, chunked PyTorch path (GRAO_KERNELS_CPU=chunked) + reference.grao_loss",
+    "fused_chunked": Impl("fused_chunked", "GRAO", _fused_on("chunked"), ("grao-kernels",),
+                          "fused_linear_grao_loss, chunked PyTorch path (backend='chunked')"),
+    "logprob_chunked": Impl("logprob_chunked", "GRAO via linear_logprob", _logprob("chunked"), ("grao-kernels",),
+                            "linear_logprob, chunked PyTorch path (backend='chunked') + reference.grao_loss",
                             op="logprob"),
-    "logprob_gemm": Impl("logprob_gemm", "GRAO via linear_logprob", _logprob("gemm"), ("grao-kernels",),
-                         "linear_logprob, GEMM-chunk design + reference.grao_loss", op="logprob"),
+    "logprob_gemm": Impl("logprob_gemm", "GRAO via linear_logprob", _logprob("triton-gemm"), ("grao-kernels",),
+                         "linear_logprob, backend='triton-gemm' + reference.grao_loss", op="logprob"),
+    "logprob_tiles": Impl("logprob_tiles", "GRAO via linear_logprob", _logprob("triton-tiles"), ("grao-kernels",),
+                          "linear_logprob, backend='triton-tiles' + reference.grao_loss", op="logprob"),
 }

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from grao_kernels import cpu_native
+from grao_kernels.cpu import native as cpu_native
 
 
 def load_old(rev: str):

@@ -69,12 +69,11 @@ def ptxas_report(compiled) -> dict:
             "shared_bytes": int(compiled.metadata.shared)}
 
 
-def kernel_cases(n: int = 16384, d: int = 4096, v: int = 151936, t: int = 2048):
+def kernel_cases(n: int = 16384, d: int = 4096, v: int = 151936):
     """(name, fn, args, constexprs, num_warps, num_stages) for each kernel and dtype the GPU runs, with the
-    arguments of a launch at N tokens, D, V (contiguous inputs; T tokens per row for the epilogue)."""
-    from grao_kernels import _triton_gemm as gemm
-    from grao_kernels import _triton_grao as grao
-    from grao_kernels import _triton_linear as lin
+    arguments of a launch at N tokens, D, V (contiguous inputs)."""
+    from grao_kernels.triton import gemm
+    from grao_kernels.triton import tiles as lin
 
     f32, i64 = torch.empty(16, dtype=torch.float32), torch.empty(16, dtype=torch.int64)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -87,7 +86,8 @@ def kernel_cases(n: int = 16384, d: int = 4096, v: int = 151936, t: int = 2048):
                lin._logprob_fwd_kernel,
                dict(common, max_part_ptr=f32, logs_part_ptr=f32, ent_part_ptr=f32, tgt_ptr=f32, cols_per_split=v,
                     n_blocks=triton.cdiv(n, cfg["BLOCK_N"])),
-               dict(HAS_BIAS=False, NEED_ENTROPY=False, DOT_FP32=False, PRECISION=lin._dot_precision(dtype), **cfg),
+               dict(HAS_BIAS=False, NEED_ENTROPY=False, DOT_FP32=False, PRECISION=lin._dot_precision(dtype, "ieee"),
+                    **cfg),
                warps, stages)
         cfg = lin._bwd_config(dtype)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -97,19 +97,12 @@ def kernel_cases(n: int = 16384, d: int = 4096, v: int = 151936, t: int = 2048):
                     n_blocks=triton.cdiv(n, cfg["BLOCK_N"]), v_blocks=triton.cdiv(v, cfg["BLOCK_V"]), stride_lse=1,
                     stride_g=1),
                dict(HAS_BIAS=False, NEED_H=True, NEED_W=True, NEED_B=False, DOT_FP32=False,
-                    PRECISION=lin._dot_precision(dtype), **cfg), warps, stages)
+                    PRECISION=lin._dot_precision(dtype, "ieee"), **cfg), warps, stages)
         rows = gemm.rows_config()
         yield (f"row kernel (gemm design) {name} BLOCK_V={rows['BLOCK_V']}", gemm._rows_kernel,
                dict(z_ptr=x, b_ptr=x, labels_ptr=i64, g_ptr=f32, logp_ptr=f32, lse_ptr=f32, C=1024, V=v, stride_zc=v,
                     stride_b=0, inv_temp=1.0),
                dict(HAS_BIAS=False, NEED_GRAD=True, BLOCK_V=rows["BLOCK_V"]), rows["num_warps"], 1)
-    for g in (7, 63, 255):
-        block_g = grao._block_g(g)
-        yield (f"GRAO epilogue G={g}, T={t}", grao._grao_epilogue_kernel,
-               dict(logp_ptr=f32, labels_ptr=i64, r_ptr=f32, adv_ptr=f32, seq_ptr=f32, counts_ptr=i64, parts_ptr=f32,
-                    grad_ptr=f32, P=max(1, n // ((g + 1) * t)), G=g, T=t, stride_lb=t, stride_lt=1, stride_yb=t,
-                    stride_yt=1, stride_rp=g + 1, stride_rg=1, beta=0.5, lam=0.6, eps=1e-6, ignore_index=-100),
-               dict(REF_IN_STATS=True, BLOCK_G=block_g, BLOCK_T=grao._block_t(t, block_g)), 4, 1)
 
 
 def _size(n: int) -> str:

@@ -1,8 +1,8 @@
 // Native CPU pass of grao_kernels: per-token log-probs of labels from hidden states and the lm_head,
 // optionally with the input gradients for known per-token loss gradients, without [tokens x vocab] logits.
 //
-// Built on first use by grao_kernels/cpu_native.py (torch.utils.cpp_extension.load) and called from the
-// linear_logprob and fused_linear_grao torch.library ops; semantics are those of grao_kernels/_chunked.py
+// Built on first use by grao_kernels/cpu/native.py (torch.utils.cpp_extension.load) and called from the
+// linear_logprob and fused_linear_grao torch.library ops; semantics are those of grao_kernels/cpu/chunked.py
 // and are tested against grao_kernels.reference (tests/test_native_cpu.py).
 //
 // Files (one translation unit: this file includes the others): this one, the entry point (argument checks,

@@ -14,7 +14,7 @@ namespace {
 //   updates (O(D) each), so the rounding error is left only on the small entries. Without them a row whose
 //   gradient is dominated by one large entry carries that entry's rounding (2^-9 relative) into dhidden
 //   (d = 1: up to one ulp with the final rounding) and dweight, where the chunked path's dweight (fp32 dz) is
-//   within half an ulp (test_fuzz_native_against_chunked).
+//   within half an ulp (tests/test_native_cpu.py::test_fuzz_native_against_reference).
 // * offset: in a flat row (no non-label probability above kFlat x their mean: those logits within ~0.06) the
 //   non-label dz are nearly equal and so are their rounding errors, which then add up instead of averaging out
 //   (dhidden = g/T (W_label - sum_k p_k W_k) can be far smaller than either term). There the GEMMs read

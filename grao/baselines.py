@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from grao_kernels._checks import GRAOInputError, _checking_values, check_scalar, check_tensor
+from grao_kernels.checks import GRAOInputError, _checking_values, check_scalar, check_tensor
 
 
 def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:

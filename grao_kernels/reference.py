@@ -1,30 +1,28 @@
 """The GRAO objective in plain PyTorch: the eager reference, docs/spec.md in code.
 
-This module is the judge. Every fused path (Triton kernels, the chunked CPU path) is
-tested against these functions, and the small per-prompt math (advantages, the three
-loss components, the per-token gradient coefficients) is written only here; the CPU
-fused path calls it directly and the Triton epilogue kernel is tested against it.
-
-It lives in the kernel package, so the math is written once and ``grao_kernels``
-depends on torch and triton only; ``grao.reference`` (and ``grao``) re-export it.
-
-Layout (see the spec): B = P * (G + 1) rows, the G samples of a prompt first and its
-reference answer last; per-token tensors are [B, T]; rewards are [P, G + 1].
+This module is the judge: every backend is tested against it, and the small per-prompt math
+(advantages, the three loss components, the per-token gradient coefficients) is written only
+here, which the fused GRAO loss calls on every backend; ``grao.reference`` (and ``grao``)
+re-export it. Layout (see the spec): B = P * (G + 1) rows, each prompt's G samples first and
+its reference answer last; per-token tensors are [B, T]; rewards are [P, G + 1].
 """
 
 from __future__ import annotations
 
 import torch
 
-from grao_kernels._checks import (
+from grao_kernels.checks import (
     GRAOInputError,
     check_grao_hyper,
     check_linear_grao_inputs,
+    check_linear_inputs,
+    check_logprob_coef,
+    check_packed_grao_inputs,
     check_reference_rows,
     check_rewards,
+    check_scalar,
     check_tensor,
 )
-from grao_kernels._packed_checks import check_packed_grao_inputs
 
 COMPONENTS = ("exploration", "imitation", "alignment")
 
@@ -185,8 +183,6 @@ def linear_logprob_dot(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     ``grao_kernels.fused_linear_logprob_dot`` (same arguments and errors). Returns (value, logp): value
     float32 (float64 for float64 inputs) differentiable w.r.t. hidden, weight and bias; logp [labels.shape]
     detached, 0 at ignored tokens; coefficients at ignored tokens are not used."""
-    from grao_kernels._checks import check_linear_inputs, check_logprob_coef, check_scalar
-
     check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     check_logprob_coef(coef, labels)
     temperature = check_scalar("temperature", temperature, positive=True)

@@ -24,14 +24,16 @@ def test_custom_ops_pass_opcheck():
     hidden.requires_grad_()
     weight.requires_grad_()
     op = torch.ops.grao_kernels.fused_linear_grao.default
-    args = (hidden.reshape(-1, 8), weight, bias, labels, rewards, 0.5, 0.6, 1e-6, True, 1.0, -100, True, True,
-            True, "torch")
+    rows = torch.arange(labels.shape[0]).repeat_interleave(labels.shape[1])
+    args = (hidden.reshape(-1, 8), weight, bias, labels.reshape(-1), rows, rewards, 0.5, 0.6, 1e-6, True, 1.0, -100,
+            True, True, True, "chunked", 48 * 2**20, "ieee")
     # The GRAO op's eager backward scales its stored gradients in place (to keep one dweight
     # copy), which opcheck's aot-dispatch check (traced outside dynamo) rejects; the compiled
     # paths themselves are checked end to end by the tests below.
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     lp = torch.ops.grao_kernels.linear_logprob_forward.default
-    torch.library.opcheck(lp, (hidden.reshape(-1, 8), weight, bias, labels.reshape(-1), 0.9, -100, True, "torch"),
+    torch.library.opcheck(lp, (hidden.reshape(-1, 8), weight, bias, labels.reshape(-1), 0.9, -100, True, "chunked",
+                               48 * 2**20, "ieee"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

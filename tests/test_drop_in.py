@@ -12,13 +12,14 @@ import torch
 
 import grao
 import grao_kernels
-import grao_kernels._limits as limits
+import grao_kernels.autograd as limits
 from tests.numerics import assert_no_worse_than_eager
 from tests.numerics import make_problem
 
 IGN = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKENDS = ["auto", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = ["auto", pytest.param("triton-tiles", marks=pytest.mark.triton),
+            pytest.param("triton-gemm", marks=pytest.mark.triton)]
 # CPU autocast takes bf16 and fp16; CUDA autocast the same.
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 

@@ -1,4 +1,4 @@
-"""Public fused API (backend="auto": chunked PyTorch on CPU, Triton on CUDA) against the eager
+"""Public fused API (backend="auto": the native kernel on CPU, triton-gemm on CUDA) against the eager
 reference and float64: loss, components and gradients of hidden, weight and bias."""
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ import torch
 
 import grao
 import grao_kernels
-import grao_kernels._chunked as chunked
-from tests.numerics import assert_no_worse_than_eager
-from tests.numerics import IGN, reference_entropy, tol
+from grao_kernels import KernelOptions
+from grao_kernels.cpu import chunked
+from tests.numerics import IGN, assert_no_worse_than_eager, reference_entropy, tol
 from tests import numerics
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# On CPU the "triton" backend runs the kernels in the Triton interpreter (tests/conftest.py).
-BACKENDS = ["auto", pytest.param("triton", marks=pytest.mark.triton)]
+# On CPU the triton-* backends run the kernels in the Triton interpreter (tests/conftest.py).
+BACKENDS = ["auto", "chunked", pytest.param("triton-gemm", marks=pytest.mark.triton),
+            pytest.param("triton-tiles", marks=pytest.mark.triton)]
 
 
 def make_problem(*args, **kwargs):
@@ -54,12 +55,12 @@ CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_grao_no_worse_than_eager(case, dtype, device, backend, monkeypatch):
-    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_BYTES", 8 * 1024)  # many chunks, ragged last chunk
+def test_fused_grao_no_worse_than_eager(case, dtype, device, backend):
+    small = KernelOptions(chunk_bytes=8 * 1024)  # many chunks, ragged last chunk (chunked path)
     prompts, group, seq_len, dim, vocab, temperature, with_bias = case
     hidden, weight, bias, labels, rewards = make_problem(prompts, group, seq_len, dim, vocab, dtype=dtype,
                                                          device=device, bias=with_bias, seed=sum(case[:5]))
-    fused_fn = functools.partial(grao_kernels.fused_linear_grao_loss, backend=backend)
+    fused_fn = functools.partial(grao_kernels.fused_linear_grao_loss, backend=backend, options=small)
     fused, eager, ref = run_three_ways(fused_fn, grao.linear_grao_loss, hidden, weight, bias, labels, rewards,
                                        temperature=temperature)
     atol, rtol = tol(dtype)
@@ -78,8 +79,8 @@ def test_fused_grao_no_worse_than_eager(case, dtype, device, backend, monkeypatc
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_logprob_no_worse_than_eager(dtype, device, backend, monkeypatch):
-    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_BYTES", 4 * 1024)
+def test_linear_logprob_no_worse_than_eager(dtype, device, backend):
+    small = KernelOptions(chunk_bytes=4 * 1024)
     hidden, weight, bias, labels, _ = make_problem(2, 2, 11, 33, 129, dtype=dtype, device=device, bias=True, seed=4)
     labels[0] = IGN  # an empty row
     grad_out = torch.randn(labels.shape, device=device)
@@ -91,7 +92,7 @@ def test_linear_logprob_no_worse_than_eager(dtype, device, backend, monkeypatch)
             logp, ent = grao.token_logprobs(logits, labels), reference_entropy(logits.detach(), labels)
         else:
             logp, ent = fn(ins[0], ins[1], labels, bias=ins[2], temperature=0.8, return_entropy=True,
-                           backend=backend)
+                           backend=backend, options=small)
         grads = torch.autograd.grad((logp * grad_out.to(logp.dtype)).sum(), ins)
         results.append((logp.detach(), ent.detach(), grads))
     (f_logp, f_ent, f_grads), (e_logp, e_ent, e_grads), (r_logp, r_ent, r_grads) = results

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 import grao
 import grao_kernels
-import grao_kernels._chunked as chunked
 from grao import GRAOInputError
+from grao_kernels import KernelOptions
 from tests.numerics import IGN, TOL, assert_no_worse_than_eager, make_problem
 
 # beta and lam are drawn from [0, 2] on purpose: their "outside [0, 1]" UserWarning is expected here
@@ -77,25 +77,17 @@ def make_tensors(p, device):
     return prob.hidden, prob.weight, prob.bias, prob.labels, prob.rewards
 
 
-class chunk_budget:  # noqa: N801 - a context manager (hypothesis and function-scoped monkeypatch don't mix)
-    def __init__(self, nbytes):
-        self.nbytes = nbytes
-
-    def __enter__(self):
-        self.saved = chunked.DEFAULT_CHUNK_BYTES
-        if self.nbytes is not None:
-            chunked.DEFAULT_CHUNK_BYTES = self.nbytes
-
-    def __exit__(self, *exc):
-        chunked.DEFAULT_CHUNK_BYTES = self.saved
+def chunk_options(nbytes):
+    """The chunked path's budget for a call (None: the default); many ragged chunks when small."""
+    return None if nbytes is None else KernelOptions(chunk_bytes=nbytes)
 
 
-def run_loss(fn, hidden, weight, bias, labels, rewards, p, dtype=None):
+def run_loss(fn, hidden, weight, bias, labels, rewards, p, dtype=None, **kw):
     ins = [None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_()
            for t in (hidden, weight, bias)]
     r = rewards.to(dtype) if dtype else rewards
     loss, stats = fn(ins[0], ins[1], labels, r, bias=ins[2], beta=p["beta"], lam=p["lam"], eps=p["eps"],
-                     temperature=p["temperature"], reference_in_stats=p["reference_in_stats"])
+                     temperature=p["temperature"], reference_in_stats=p["reference_in_stats"], **kw)
     grads = torch.autograd.grad(loss, [t for t in ins if t is not None])
     comps = torch.stack([stats[k].detach() for k in grao.COMPONENTS])
     return loss.detach(), comps, grads, stats
@@ -106,8 +98,8 @@ def run_loss(fn, hidden, weight, bias, labels, rewards, p, dtype=None):
 @given(p=problems())
 def test_fuzz_fused_grao_loss(device, p):
     hidden, weight, bias, labels, rewards = make_tensors(p, device)
-    with chunk_budget(p["chunk_bytes"]):
-        fused = run_loss(grao_kernels.fused_linear_grao_loss, hidden, weight, bias, labels, rewards, p)
+    fused = run_loss(grao_kernels.fused_linear_grao_loss, hidden, weight, bias, labels, rewards, p,
+                     options=chunk_options(p["chunk_bytes"]))
     eager = run_loss(grao.linear_grao_loss, hidden, weight, bias, labels, rewards, p)
     ref = run_loss(grao.linear_grao_loss, hidden, weight, bias, labels, rewards, p, dtype=torch.float64)
     atol, rtol = TOL[p["dtype"]]
@@ -140,8 +132,8 @@ def test_fuzz_linear_logprob(device, p, flat):
         ins = [None if t is None else (t.detach().to(dtype) if dtype else t.detach()).requires_grad_()
                for t in (hidden, weight, bias)]
         if fused:
-            with chunk_budget(p["chunk_bytes"]):
-                logp = grao_kernels.linear_logprob(ins[0], ins[1], labels, bias=ins[2], temperature=p["temperature"])
+            logp = grao_kernels.linear_logprob(ins[0], ins[1], labels, bias=ins[2], temperature=p["temperature"],
+                                               options=chunk_options(p["chunk_bytes"]))
         else:
             logits = grao.linear_logits(ins[0], ins[1], ins[2], p["temperature"])
             logp = grao.token_logprobs(logits, labels)

@@ -1,7 +1,7 @@
 """fused_linear_logprob_dot: sum(coef * logp) with its gradients from the forward pass, against float64.
 
-Every backend (native CPU kernel / chunked PyTorch via "auto" and "torch", the Triton kernels through the
-interpreter, and the CUDA "gemm" design) is held to the rule of tests/numerics.py: no further from float64
+Every backend (native CPU kernel / chunked PyTorch via "auto" and "chunked", and through the interpreter
+"triton-tiles" and "triton-gemm") is held to the rule of tests/numerics.py: no further from float64
 than the eager path (``grao_kernels.reference.linear_logprob_dot``) in the same dtype, plus a small tolerance.
 """
 
@@ -11,15 +11,14 @@ import pytest
 import torch
 
 import grao_kernels
-import grao_kernels._chunked as chunked
-from grao_kernels import GRAOInputError, GRAOUnsupportedError
-from grao_kernels._backend import CUDA_DESIGN_ENV
+from grao_kernels import GRAOInputError, GRAOUnsupportedError, KernelOptions
 from grao_kernels.reference import linear_logprob_dot
 from tests.numerics import IGN, assert_no_worse_than_eager, make_problem, tol
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKENDS = ["auto", "torch", pytest.param("triton", marks=pytest.mark.triton),
-            pytest.param("triton-gemm", marks=pytest.mark.triton)]  # backend "triton", CUDA design "gemm"
+BACKENDS = ["auto", "chunked", pytest.param("triton-tiles", marks=pytest.mark.triton),
+            pytest.param("triton-gemm", marks=pytest.mark.triton)]
+SMALL_CHUNKS = KernelOptions(chunk_bytes=8 * 1024)  # many chunks, ragged last chunk (chunked path)
 CASES = [
     # rows, seq_len, dim, vocab, temperature, bias, packed labels [N]
     (3, 5, 24, 83, 1.0, False, False),
@@ -44,7 +43,7 @@ def three_ways(backend, hidden, weight, bias, labels, coef, temperature):
                    (linear_logprob_dot, torch.float64)):
         ins = [None if t is None else (t.detach().to(dt) if dt else t.detach()).requires_grad_()
                for t in (hidden, weight, bias)]
-        kw = {"backend": backend} if fn is grao_kernels.fused_linear_logprob_dot else {}
+        kw = {"backend": backend, "options": SMALL_CHUNKS} if fn is grao_kernels.fused_linear_logprob_dot else {}
         value, logp = fn(ins[0], ins[1], labels, coef, bias=ins[2], temperature=temperature, **kw)
         assert not logp.requires_grad
         grads = torch.autograd.grad(value * 1.5, [t for t in ins if t is not None])
@@ -56,13 +55,9 @@ def three_ways(backend, hidden, weight, bias, labels, coef, temperature):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_no_worse_than_eager(case, dtype, device, backend, monkeypatch):
+def test_no_worse_than_eager(case, dtype, device, backend):
     if backend.startswith("triton") and dtype == torch.float16 and device == "cpu":
         pytest.skip("fp16 on CPU runs the chunked path whatever the backend; the interpreter adds nothing")
-    if backend == "triton-gemm":
-        monkeypatch.setenv(CUDA_DESIGN_ENV, "gemm")
-        backend = "triton"
-    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_BYTES", 8 * 1024)  # many chunks, ragged last chunk
     rows, seq_len, dim, vocab, temperature, with_bias, packed = case
     hidden, weight, bias, labels, coef = make(rows, seq_len, dim, vocab, bias=with_bias, packed=packed, dtype=dtype,
                                               device=device, seed=sum(case[:4]))

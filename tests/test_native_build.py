@@ -1,4 +1,4 @@
-"""The native CPU kernel's build (grao_kernels.cpu_native): its cache folder is keyed by what the library depends
+"""The native CPU kernel's build (grao_kernels.cpu.native): its cache folder is keyed by what the library depends
 on, and a build says so in one stderr line while loading a cached one says nothing (issue 22, item 4).
 
 No test here compiles anything: the key is computed directly, and the build is torch's ``load`` replaced by a fake.
@@ -12,7 +12,7 @@ import shutil
 import pytest
 from torch.utils import cpp_extension
 
-from grao_kernels import cpu_native
+from grao_kernels.cpu import native as cpu_native
 
 
 @pytest.fixture
@@ -55,7 +55,6 @@ def test_digest_define_is_kept():
 
 def test_build_prints_one_line_and_cached_load_prints_none(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.delenv(cpu_native.CPU_PATH_ENV, raising=False)
     builds, imports = [], []
 
     def fake_load(name, sources, build_directory, **kwargs):  # what a build leaves: the library in its folder

@@ -1,4 +1,4 @@
-"""The native CPU kernel (csrc/grao_cpu.cpp via grao_kernels.cpu_native) against grao_kernels.reference.
+"""The native CPU kernel (csrc/grao_cpu.cpp via grao_kernels.cpu.native) against grao_kernels.reference.
 
 Every check compares with the eager reference evaluated in float64 on the same (dtype-rounded) inputs: the native
 result may be no further from it than the eager reference in the same dtype, plus the tolerance of
@@ -21,10 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import grao_kernels
-from grao_kernels import cpu_native, reference
-from grao_kernels._backend import resolve_backend
-from grao_kernels._checks import GRAOInputError
-from grao_kernels._chunked import chunked_linear_logprob
+from grao_kernels import KernelOptions, reference
+from grao_kernels.checks import GRAOInputError
+from grao_kernels.cpu import native as cpu_native
+from grao_kernels.cpu.chunked import chunked_linear_logprob
+from grao_kernels.dispatch import resolve
+from grao_kernels.options import ProcessDefaults, read_env
 from tests.numerics import assert_no_worse_than_eager
 from tests.numerics import IGN, TOL, make_problem, reference_logprob
 
@@ -33,18 +35,18 @@ FUZZ = settings(max_examples=40, deadline=None, derandomize=bool(os.environ.get(
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(autouse=True)
-def _default_cpu_path(monkeypatch):
-    monkeypatch.delenv(cpu_native.CPU_PATH_ENV, raising=False)
+def chosen(backend, tensor, cpu="auto"):
+    """The backend resolve() picks with GRAO_KERNELS_CPU=cpu (the process environment left out)."""
+    return resolve(backend, tensor, defaults=ProcessDefaults(cpu=cpu)).backend
 
 
 def test_native_kernel_builds_and_is_chosen_on_cpu():
-    assert cpu_native.load_native() is not None, cpu_native._state.get("error")
+    assert cpu_native.load_native() is not None, cpu_native.build_error()
     h = torch.randn(3, 4)
-    assert resolve_backend("auto", h) == "native"
-    assert resolve_backend("auto", h.to(BF16)) == "native"
-    assert resolve_backend("auto", h.double()) == "torch"  # float64 keeps the chunked path
-    assert resolve_backend("auto", h.half()) == "torch"
+    assert chosen("auto", h) == "native"
+    assert chosen("auto", h.to(BF16)) == "native"
+    assert chosen("auto", h.double()) == "chunked"  # float64 keeps the chunked path
+    assert chosen("auto", h.half()) == "chunked"
 
 
 def problem(n=37, d=19, v=1003, *, seed=0, ignore_frac=0.3, bias=True, scale=1.0):
@@ -63,7 +65,7 @@ def ref_pass(h, w, labels, b, *, dtype=torch.float64, grad_logp=None, **kw):
     return reference_logprob(h, w, labels, b, dtype=dtype, grad_logp=grad_logp, **kw)
 
 
-def logprob_run(dtype, hidden, weight, bias, labels, grad, *, backend, temperature=0.7):
+def logprob_run(dtype, hidden, weight, bias, labels, grad, *, backend, temperature=0.7, options=None):
     """linear_logprob forward + backward of sum(grad * logp); inputs cast to ``dtype`` (None: fp64 eager)."""
     ins = [None if t is None else t.detach().to(dtype or torch.float64).requires_grad_() for t in (hidden, weight, bias)]
     if dtype is None or backend == "eager":
@@ -71,7 +73,7 @@ def logprob_run(dtype, hidden, weight, bias, labels, grad, *, backend, temperatu
         logp = reference.token_logprobs(logits, labels, ignore_index=IGN)
     else:
         logp = grao_kernels.linear_logprob(ins[0], ins[1], labels, bias=ins[2], temperature=temperature,
-                                           backend=backend)
+                                           backend=backend, options=options)
     grads = torch.autograd.grad((logp * grad).sum(), [t for t in ins if t is not None])
     return [logp.detach()] + list(grads)
 
@@ -84,19 +86,20 @@ def check_all(got, eager, ref, dtype, names):
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("case", ["odd", "bias_temp", "many_tiles", "all_ignored", "large_logits"])
-def test_linear_logprob_against_float64(dtype, case, monkeypatch):
+def test_linear_logprob_against_float64(dtype, case):
     kw = {"odd": {}, "bias_temp": {"n": 64, "d": 32, "v": 4096}, "many_tiles": {"n": 90, "v": 517},
           "all_ignored": {"ignore_frac": 1.0}, "large_logits": {"scale": 30.0, "bias": False}}[case]
     hidden, weight, bias, labels = problem(**kw)
+    options = None
     if case == "many_tiles":  # 16-row tiles: 5 tiles, the last one ragged
-        monkeypatch.setattr(cpu_native, "TILE_BYTES", 16 * 4 * weight.shape[0])
-        monkeypatch.setattr(cpu_native, "MIN_TILE_ROWS", 16)
-        assert cpu_native.tile_rows(weight.shape[0]) == 16
+        options = KernelOptions(native_tile_bytes=16 * 4 * weight.shape[0])
+        assert cpu_native.tile_rows(weight.shape[0], options.native_tile_bytes, 1) == 16
     grad = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grad[::5] = 0.0  # tokens with no incoming gradient are skipped by the backward
     temperature = 1.0 if case == "odd" else 0.7
     rounded = [None if t is None else t.to(dtype) for t in (hidden, weight, bias)]
-    got = logprob_run(dtype, *rounded, labels, grad.float(), backend="native", temperature=temperature)
+    got = logprob_run(dtype, *rounded, labels, grad.float(), backend="native", temperature=temperature,
+                      options=options)
     eager = logprob_run(dtype, *rounded, labels, grad.float(), backend="eager", temperature=temperature)
     ref = logprob_run(None, *rounded, labels, grad, backend="eager", temperature=temperature)
     assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1:])
@@ -395,16 +398,14 @@ def test_fuzz_native_against_reference(p):
                                rtol=rtol, what="forward-only entropy")
 
 
-def test_environment_variable_forces_either_path(monkeypatch):
+def test_environment_variable_forces_either_path():
     h = torch.randn(2, 3)
-    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "chunked")
-    assert resolve_backend("auto", h) == "torch"
-    assert resolve_backend("native", h) == "native"  # an explicit backend wins over the variable
-    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "native")
-    assert resolve_backend("auto", h) == "native"
-    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "fast")
+    assert read_env({"GRAO_KERNELS_CPU": "chunked"}).cpu == "chunked"
+    assert chosen("auto", h, cpu="chunked") == "chunked"
+    assert chosen("native", h, cpu="chunked") == "native"  # an explicit backend wins over the variable
+    assert chosen("auto", h, cpu="native") == "native"
     with pytest.raises(GRAOInputError, match="GRAO_KERNELS_CPU must be one of"):
-        resolve_backend("auto", h)
+        read_env({"GRAO_KERNELS_CPU": "fast"})
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch):
@@ -418,19 +419,17 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     labels = torch.tensor([0, 3, IGN, 8, 1, 2])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert resolve_backend("auto", h) == "torch"
+        assert chosen("auto", h) == "chunked"
         logp = grao_kernels.linear_logprob(h, w, labels)
         logp.sum().backward()
     mine = [str(c.message) for c in caught if "native CPU kernel" in str(c.message)]
     assert len(mine) == 1 and "\n" not in mine[0] and "chunked PyTorch path" in mine[0], mine
     ref = reference.token_logprobs(reference.linear_logits(h.double(), w.double()), labels)
     assert torch.allclose(logp.double(), ref, atol=1e-5)
-    monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "native")
     with pytest.raises(cpu_native.NativeBuildError, match="could not be built.*c\\+\\+: not found"):
-        resolve_backend("auto", h)
+        chosen("auto", h, cpu="native")
     with pytest.raises(cpu_native.NativeBuildError, match="backend='native'"):
-        monkeypatch.setenv(cpu_native.CPU_PATH_ENV, "auto")
-        resolve_backend("native", h)
+        chosen("native", h)
 
 
 def test_bad_input_names_the_problem():
@@ -438,7 +437,7 @@ def test_bad_input_names_the_problem():
     with pytest.raises(GRAOInputError, match="backend must be one of"):
         grao_kernels.linear_logprob(h, w, torch.zeros(4, dtype=torch.long), backend="cpp")
     with pytest.raises(GRAOInputError, match="backend='native' is the CPU kernel"):
-        resolve_backend("native", h.to("meta"))
+        chosen("native", h.to("meta"))
     with pytest.raises(GRAOInputError, match="labels must be in"):
         grao_kernels.linear_logprob(h, w, torch.tensor([0, 1, 5, 2]), backend="native")
     with pytest.raises(RuntimeError, match="grao_cpu: dtype must be float32 or bfloat16"):

@@ -75,11 +75,12 @@ def test_row_index_any_order():
 
 
 def _native_ok() -> bool:
-    from grao_kernels import cpu_native
-    return cpu_native.load_native() is not None
+    from grao_kernels.cpu import native
+    return native.load_native() is not None
 
 
-@pytest.mark.parametrize("backend", ["torch", "native", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["chunked", "native", pytest.param("triton-tiles", marks=pytest.mark.triton),
+                                     pytest.param("triton-gemm", marks=pytest.mark.triton)])
 def test_packed_fp32_no_worse_than_eager(backend):
     if backend == "native" and not _native_ok():
         pytest.skip("the native CPU kernel (csrc/grao_cpu.cpp) could not be built here")

@@ -1,4 +1,4 @@
-"""The GEMM-chunk CUDA design (grao_kernels/_triton_gemm.py) against float64 references and the eager path.
+"""The triton-gemm backend, CUDA's default (grao_kernels/triton/gemm.py) against float64 references and the eager path.
 
 Its Triton row kernel has no ``tl.dot``, so the interpreter runs it in the real dtypes; the GEMMs are
 torch's (CPU here, cuBLAS on a GPU). Numerics standard of tests/numerics.py: no further from float64
@@ -24,9 +24,9 @@ if not DEVICES:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 import grao_kernels
-from grao_kernels._backend import CUDA_DESIGN_ENV
-from grao_kernels._checks import GRAOInputError
-from grao_kernels._triton_gemm import gemm_logprob_pass, rows_logprob_
+from grao_kernels.checks import GRAOInputError
+from grao_kernels.options import read_env
+from grao_kernels.triton.gemm import gemm_logprob_pass, rows_logprob_
 
 IGNORE = -100
 
@@ -125,9 +125,9 @@ def test_gemm_pass_all_ignored_and_gradient_subsets(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_public_ops_run_the_gemm_design_when_asked(device, dtype, monkeypatch):
-    """GRAO_KERNELS_CUDA_DESIGN=gemm routes both public ops' Triton backend through _triton_gemm: same loss,
-    log-probs and gradients, judged (as the chunked PyTorch path is) against grao_kernels.reference in float64."""
-    import grao_kernels._triton_gemm as gemm
+    """backend="triton-gemm" routes both public ops through triton/gemm.py: same loss, log-probs and gradients,
+    judged (as the chunked PyTorch path is) against grao_kernels.reference in float64."""
+    from grao_kernels.triton import gemm
 
     calls = []
     real = gemm.gemm_logprob_pass
@@ -136,8 +136,7 @@ def test_public_ops_run_the_gemm_design_when_asked(device, dtype, monkeypatch):
                         weight_scale=0.25, answer_token=False)
     hidden, weight, labels, rewards = prob.hidden, prob.weight, prob.labels, prob.rewards
     results = {}
-    for design, backend in (("gemm", "triton"), ("tiles", "torch")):
-        monkeypatch.setenv(CUDA_DESIGN_ENV, design)
+    for design, backend in (("gemm", "triton-gemm"), ("tiles", "chunked")):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss, _ = grao_kernels.fused_linear_grao_loss(h, w, labels, rewards, backend=backend)
         loss.backward()
@@ -164,21 +163,19 @@ def test_public_ops_run_the_gemm_design_when_asked(device, dtype, monkeypatch):
             assert_no_worse_than_eager(f, e, r, dtype=dtype, what=f"{design} {name}")
 
 
-def test_unknown_design_is_refused(monkeypatch):
-    monkeypatch.setenv(CUDA_DESIGN_ENV, "fast")
-    from grao_kernels._backend import cuda_design
-    with pytest.raises(GRAOInputError, match="GRAO_KERNELS_CUDA_DESIGN must be one of .*'tiles', 'gemm'.*'fast'"):
-        cuda_design()
+def test_unknown_design_is_refused():
+    with pytest.raises(GRAOInputError,
+                       match="GRAO_KERNELS_CUDA must be one of .*'triton-gemm', 'triton-tiles'.*'fast'"):
+        read_env({"GRAO_KERNELS_CUDA": "fast"})
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="a realistic vocabulary is too slow for the interpreter")
-@pytest.mark.parametrize("design", ["tiles", "gemm"])
+@pytest.mark.parametrize("design", ["triton-tiles", "triton-gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_precision_at_a_real_vocabulary(design, dtype, monkeypatch):
+def test_cuda_half_precision_at_a_real_vocabulary(design, dtype):
     """fp16 at V = 32000: dz = g * p reaches fp16's subnormal range (g ~ 1e-4, p < 1e-3), which V = 83
     never shows. Both CUDA designs against float64, no worse than eager fp16 / bf16 plus 1e-2."""
-    monkeypatch.setenv(CUDA_DESIGN_ENV, design)
     gen = torch.Generator().manual_seed(11)
     P, G, T, D, V = 2, 7, 96, 256, 32000
     hidden = torch.randn(P * (G + 1), T, D, generator=gen)
@@ -198,7 +195,7 @@ def test_cuda_half_precision_at_a_real_vocabulary(design, dtype, monkeypatch):
     from grao_kernels.reference import linear_grao_loss
     ref = run(linear_grao_loss, torch.float64)
     eager = run(linear_grao_loss, dtype)
-    fused = run(lambda *a: grao_kernels.fused_linear_grao_loss(*a, backend="triton"), dtype)
+    fused = run(lambda *a: grao_kernels.fused_linear_grao_loss(*a, backend=design), dtype)
     for name, f, e, r in zip(("loss", "dhidden", "dweight"), fused, eager, ref):
         assert_no_worse_than_eager(f, e, r, dtype=dtype, what=f"{design} {dtype} {name}")
         assert f.abs().max() > 0, name  # gradients did not underflow to zero

@@ -1,4 +1,4 @@
-"""The Triton kernels against float64 references (grao_kernels.reference), on CPU via the interpreter or on CUDA.
+"""The triton-tiles kernels (grao_kernels/triton/tiles.py) against float64 references (grao_kernels.reference), on CPU via the interpreter or on CUDA.
 
 The standard (tests/numerics.py): a kernel's result may be no further from the float64 result than the
 eager PyTorch path in the same dtype, plus 1e-5 absolute and relative (fp32, and half dtypes under the
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from grao_kernels.reference import grao_loss, grao_row_grad, group_advantages, linear_logits, token_logprobs
+from grao_kernels.reference import linear_logits, token_logprobs
 from tests.numerics import assert_no_worse_than_eager, grad_weights, make_problem, max_err, tol
 
 pytestmark = pytest.mark.triton
@@ -27,8 +27,7 @@ DEVICES = (["cuda"] if HAS_CUDA else []) + (["cpu"] if INTERPRETING else [])
 if not DEVICES:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from grao_kernels._triton_grao import triton_grao_epilogue, triton_group_advantages
-from grao_kernels._triton_linear import triton_logprob_backward, triton_logprob_forward
+from grao_kernels.triton.tiles import triton_logprob_backward, triton_logprob_forward
 
 IGNORE = -100
 
@@ -191,97 +190,6 @@ def test_logprob_all_ignored_and_empty(device):
 
 
 # ------------------------------------------------------------------------------------------------
-# GRAO epilogue
-# ------------------------------------------------------------------------------------------------
-
-
-def _grao_case(prompts, group, seq_len, gen, device):
-    rows = prompts * (group + 1)
-    token_logp = -3 * torch.rand(rows, seq_len, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, 50, (rows, seq_len), generator=gen)
-    prompt_len = torch.randint(0, seq_len // 2, (rows,), generator=gen)
-    labels[torch.arange(seq_len)[None, :] < prompt_len[:, None]] = IGNORE  # prompt positions
-    labels[:, -2:] = IGNORE  # padding
-    labels[0] = IGNORE  # a sample with no completion tokens
-    rewards = torch.randint(-1, 2, (prompts, group + 1), generator=gen).to(torch.float64)
-    rewards[0] = 0.5  # a constant group: all advantages exactly 0
-    if prompts > 1:
-        rewards[1, :group], rewards[1, group] = 0.0, 1.0  # every sample failed, the reference wins
-    return token_logp.to(device), labels.to(device), rewards.to(device)
-
-
-EPILOGUE_CASES = [
-    # P, G, T, reference_in_stats, beta, lam
-    (3, 1, 13, True, 0.5, 0.6),
-    (2, 64, 11, True, 0.5, 0.6),
-    (4, 3, 21, False, 0.3, 1.2),
-    (5, 7, 8, True, 0.0, 0.0),
-]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prompts,group,seq_len,ref_in_stats,beta,lam", EPILOGUE_CASES)
-def test_grao_epilogue(device, prompts, group, seq_len, ref_in_stats, beta, lam):
-    gen = torch.Generator().manual_seed(prompts * 100 + group)
-    token_logp64, labels, rewards64 = _grao_case(prompts, group, seq_len, gen, device)
-    kw = {"beta": beta, "lam": lam, "eps": 1e-6, "reference_in_stats": ref_in_stats, "ignore_index": IGNORE}
-    loss64, st64 = grao_loss(token_logp64, labels, rewards64, **kw)
-    _, st32 = grao_loss(token_logp64.float(), labels, rewards64.float(), **kw)
-    mask = labels != IGNORE
-    grad64 = grao_row_grad(st64["advantages"], st64["num_tokens"], beta=beta, lam=lam)[:, None] * mask
-    grad32 = grao_row_grad(st32["advantages"], st32["num_tokens"], beta=beta, lam=lam)[:, None] * mask
-
-    token_logp = token_logp64.float()
-    token_logp[~mask] = 7.0  # garbage at ignored positions must not leak in
-    components, adv, seq, counts, grad = triton_grao_epilogue(token_logp, labels, rewards64.float(), **kw)
-
-    names = ("exploration", "imitation", "alignment")
-    comp64 = torch.stack([st64[k] for k in names])
-    assert_no_worse_than_eager(components, torch.stack([st32[k] for k in names]), comp64, dtype=torch.float32,
-                               what="components")
-    assert abs(components.sum().item() - loss64.item()) <= 1e-5 * (1 + abs(loss64.item()))
-    assert_no_worse_than_eager(adv, st32["advantages"], st64["advantages"], dtype=torch.float32, what="adv")
-    assert (adv[0] == 0).all()  # constant group
-    assert_no_worse_than_eager(seq, st32["seq_logp"], st64["seq_logp"], dtype=torch.float32, what="seq_logp")
-    assert torch.equal(counts.cpu(), st64["num_tokens"].cpu())
-    assert_no_worse_than_eager(grad, grad32, grad64, dtype=torch.float32, what="grad_logp")
-    assert (grad[~mask] == 0).all() and (grad[0] == 0).all()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_grao_epilogue_gradient_is_autograd(device):
-    """grad_logp equals autograd of the reference loss w.r.t. the token log-probs (float64)."""
-    gen = torch.Generator().manual_seed(11)
-    token_logp64, labels, rewards64 = _grao_case(3, 4, 10, gen, device)
-    leaf = token_logp64.clone().requires_grad_()
-    loss, _ = grao_loss(leaf, labels, rewards64)
-    (auto,) = torch.autograd.grad(loss, leaf)
-    token_logp_t = token_logp64.t().contiguous().t()  # non-contiguous [B, T] view
-    _, _, _, _, grad = triton_grao_epilogue(token_logp_t.float(), labels, rewards64.float(), beta=0.5, lam=0.6,
-                                            eps=1e-6, reference_in_stats=True, ignore_index=IGNORE)
-    assert max_err(grad, auto) <= 1e-6 * (1 + auto.abs().max().item())
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("ref_in_stats", [True, False])
-@pytest.mark.parametrize("rdtype", [torch.float32, torch.float64])
-def test_group_advantages(device, ref_in_stats, rdtype):
-    gen = torch.Generator().manual_seed(5)
-    for prompts, group in ((4, 1), (3, 8), (2, 64)):
-        rewards = torch.randn(prompts, group + 1, generator=gen, dtype=torch.float64)
-        rewards[0] = -2.0  # constant group
-        rewards = rewards.to(device=device, dtype=rdtype)
-        ref64 = group_advantages(rewards.double(), eps=1e-6, reference_in_stats=ref_in_stats)
-        eager = group_advantages(rewards.float(), eps=1e-6, reference_in_stats=ref_in_stats)
-        adv = triton_group_advantages(rewards, eps=1e-6, reference_in_stats=ref_in_stats)
-        assert adv.dtype == torch.float32 and adv.shape == rewards.shape
-        assert_no_worse_than_eager(adv, eager, ref64, dtype=torch.float32, what=f"advantages G={group}")
-        assert (adv[0] == 0).all()
-        if group == 1 and not ref_in_stats:  # one statistics reward: always constant
-            assert (adv == 0).all()
-
-
-# ------------------------------------------------------------------------------------------------
 # GPU only: large grids and 64-bit offsets
 # ------------------------------------------------------------------------------------------------
 
@@ -311,16 +219,6 @@ def test_logprob_large_n_grid(dtype):
                                     need_hidden=True, need_weight=True, need_bias=True)
     for name, got, eager, ref in zip(("hidden", "weight", "bias"), grads, g_e, g64):
         assert_no_worse_than_eager(got, eager, ref, atol=atol, rtol=rtol, what=f"d{name}")
-    # the GRAO epilogue over many prompts
-    prompts, group, seq_len = 70_000, 1, 3
-    tlp = -torch.rand(prompts * (group + 1), seq_len, generator=gen, dtype=torch.float64).cuda()
-    lab = torch.zeros(tlp.shape, dtype=torch.long, device="cuda")
-    rewards = torch.randn(prompts, group + 1, generator=gen, dtype=torch.float64).cuda()
-    loss64, st64 = grao_loss(tlp, lab, rewards)
-    comps, adv, *_ = triton_grao_epilogue(tlp.float(), lab, rewards.float(), beta=0.5, lam=0.6,
-                                                         eps=1e-6, reference_in_stats=True, ignore_index=IGNORE)
-    assert abs(comps.sum().item() - loss64.item()) <= 1e-5 * (1 + abs(loss64.item()))
-    assert max_err(adv, st64["advantages"]) <= 1e-4
 
 
 @pytest.mark.cuda

@@ -14,7 +14,7 @@ import grao_kernels
 from grao.cli import build_config, build_parser, main
 from grao.trainer import TrainConfig, Trainer
 from grao.trainer.config import ConfigError
-from grao_kernels import _checks
+from grao_kernels import checks as _checks
 
 # (field, value as typed in Python or YAML, the same as typed on the command line, the problem)
 SAME = [

@@ -1,28 +1,12 @@
-"""The GEMM-chunk design for CUDA: token chunks through cuBLAS GEMMs, one Triton row kernel between them.
+"""The triton-gemm backend (CUDA's default): token chunks through cuBLAS GEMMs, one Triton row kernel between them.
 
-A candidate for the 6·N·D·V floor of the fused GRAO loss (and 8·N·D·V for ``linear_logprob``),
-set beside the tile kernels of ``_triton_linear.py`` (which pay 8·N·D·V for the loss too and
-accumulate gradients with fp32 atomics). Chosen with ``GRAO_KERNELS_CUDA_DESIGN=gemm`` until a GPU
-run has measured both (``benchmarks/gpu_check.py``); "tiles" stays the default.
-
-Per chunk of C active tokens (C sized so the chunk's logits stay small next to the weight):
-
-1. ``z = h_chunk @ W^T``: one GEMM on tensor cores, written once in the inputs' dtype (bf16 logits,
-   as the eager bf16 path also rounds them);
-2. :func:`_rows_kernel`, one program per token: an online max / sum-exp over the row of
-   ``(z + b) / T`` in fp32 (one read), the log-prob of the label, and, when the per-token loss
-   gradient ``g`` is given, ``dz = g / T * (onehot(label) - softmax)`` written over the logits in place
-   (a second read and one write);
-3. ``dh_chunk = dz @ W`` and ``dW += dz^T @ h_chunk`` (fp32 accumulation where torch offers
-   ``out_dtype`` for bf16/fp16 GEMMs), ``db += sum dz``.
-
-The fused GRAO loss knows ``g`` before the forward (its advantages are constants), so steps 1-3 are
-its whole forward and backward: 6·N·D·V FLOPs and no recompute. ``linear_logprob`` runs step 1-2
-without ``g`` in the forward and all three in the backward: 8·N·D·V.
-
-Technique after Liger-Kernel's fused linear cross-entropy (token chunks through the vendor GEMM,
-gradients in the forward) and the QuACK / Liger Hopper CuTe-DSL chunked cross-entropy (logits
-written once in bf16, an in-place pass turning them into dZ); this code is our own.
+Per chunk of C active tokens (C from ``KernelOptions.gemm_chunk_bytes``): ``z = h @ W^T`` in the inputs' dtype
+(one GEMM); :func:`_rows_kernel`, one program per token, forms the row's online max / sum-exp of ``(z + b) / T``
+in fp32, the label's log-prob and, given dLoss/dlogp ``g``, overwrites z with ``dz = g / T * (onehot - softmax)``;
+then ``dh = dz @ W`` and ``dW += dz^T @ h`` (fp32 accumulation where torch offers ``out_dtype``). With ``g`` known
+before the forward (the GRAO loss) that is the whole forward and backward, 6·N·D·V FLOPs. The technique follows
+Liger-Kernel's fused linear cross-entropy and the QuACK / Liger Hopper chunked cross-entropy (logits written once,
+turned into dZ in place); the code is our own. History and measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -31,11 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from grao_kernels._backend import triton_interpreting
+from grao_kernels.options import DEFAULT_OPTIONS, triton_interpreting
 
-#: logits budget per chunk in bytes (the [C, V] buffer in the inputs' dtype): 256 MiB keeps C >= 880
-#: tokens at V = 151936 in bf16, where the GEMMs run at full rate, and small next to a [V, D] weight.
-CHUNK_BYTES = 256 * 2 ** 20
+#: The default [C, V] logits budget (KernelOptions.gemm_chunk_bytes), in the inputs' dtype.
+CHUNK_BYTES = DEFAULT_OPTIONS.gemm_chunk_bytes
 
 
 @triton.jit

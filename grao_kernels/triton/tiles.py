@@ -1,57 +1,21 @@
-"""Triton kernels: per-token log-probabilities through the lm_head without [N, V] logits.
+"""The triton-tiles backend: Triton tile kernels for per-token log-probs through the lm_head, no [N, V] logits.
 
-Host functions (called by the autograd wrappers in ``grao_kernels``):
-
-* :func:`triton_logprob_forward`  -> (logp [N] fp32, lse [2, N] fp32, entropy [N] fp32 | None)
-* :func:`triton_logprob_backward` -> (dhidden [N, D], dweight [V, D], dbias [V]) in the input dtypes
-
-Organisation (the technique follows Apple's ml-cross-entropy "cut cross-entropy" kernels and
-the flash-attention online softmax; Liger-Kernel's fused_linear_cross_entropy is the chunked
-alternative; the code here is written from scratch):
-
-Forward. A 1-D grid of ``n_blocks * splits`` programs. Program (token block i, vocab split s)
-computes the logit tiles z = (h @ W^T + b) / T for BLOCK_N tokens and the columns of split s,
-BLOCK_V columns at a time, each tile accumulated over D in BLOCK_D slices in fp32. It keeps an
-online log-sum-exp (running max m, running sum s = sum exp(z - m)) and, for the entropy, the
-running sum t = sum exp(z - m) * (z - m); the target logit is picked out of the tile that
-contains the label. Per split it stores m_s and log s_s (apart: see below), the split's own
-entropy H_s = log s - t / s and the target logit; a few [N]-sized torch ops combine the splits
-(lse = logsumexp_s lse_s, H = sum_s w_s (H_s + lse - lse_s) with w_s = exp(lse_s - lse)).
-The normaliser is kept as the pair (row max m, log sum exp(z - m)) and the log-prob formed as
-(z_label - m) - log s: for a confident token, rounding m + log s to fp32 first would cost
-about |m| * 6e-8 of absolute precision, far more than the eager log_softmax loses.
-Splitting the vocabulary only adds parallelism when there are few token blocks; for large N
-there is one split. Token blocks whose labels are all ``ignore_index`` are skipped.
-
-Backward. One kernel, a 1-D grid over (token block, vocab block) tiles, grouped so that
-consecutive programs share weight tiles in L2. Each program recomputes its logit tile, forms
-dz = g * (onehot(label) - softmax) / T in fp32 (g already folded in, ignored tokens have g = 0),
-then walks D again and atomically adds dz @ W_tile into an fp32 dhidden buffer and
-dz^T @ h_tile into an fp32 dweight buffer (and sum_n dz into an fp32 dbias buffer): the
-ml-cross-entropy backward scheme. Tiles whose tokens all have g == 0 (or are ignored) do
-nothing. The fp32 buffers are cast once, at the end, to the input dtypes. FLOPs: forward
-2NDV, backward 6NDV (recompute, dh, dW). fp32 atomics make the summation order (and so the
-last bits of the gradients) run-to-run nondeterministic on GPU.
-
-Precision: fp32 inputs use ``input_precision="ieee"`` dots (set ``FP32_DOT_PRECISION = "tf32"``
-to trade accuracy for speed); bf16/fp16 inputs use tensor-core dots with fp32 accumulation,
-dz is rounded to the input dtype only as a dot operand. Under ``TRITON_INTERPRET=1`` all dot
-operands are cast to fp32 (the interpreter's bf16 ``tl.dot`` is wrong in triton 3.9).
-Offsets are computed in int64 so N*D or V*D above 2**31 is fine.
+:func:`triton_logprob_forward` -> (logp [N], lse [2, N], entropy [N] | None) computes logit tiles with an online
+log-sum-exp (vocabulary splits add parallelism for few tokens); :func:`triton_logprob_backward` -> (dhidden,
+dweight, dbias) recomputes each tile, forms dz = g * (onehot - softmax) / T and accumulates the gradients with
+fp32 atomics (run-to-run nondeterministic in the last bits on a GPU). fp32 dots are "ieee" unless
+``KernelOptions.fp32_dot_precision`` says "tf32"; under TRITON_INTERPRET=1 every dot operand is cast to fp32 (the
+interpreter's bf16 ``tl.dot`` is wrong in triton 3.9). The technique follows Apple's ml-cross-entropy kernels and
+the flash-attention online softmax; the code is our own. The full design: docs/kernels.md.
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
 import triton.language as tl
 
-from grao_kernels._backend import triton_interpreting
-
-# "ieee" (exact fp32, default: the tests hold fp32 results to 1e-5) or "tf32" (faster on GPU).
-FP32_DOT_PRECISION = "ieee"
-
+from grao_kernels.options import triton_interpreting
 
 # ----------------------------------------------------------------------------------------------
 # Forward
@@ -171,11 +135,12 @@ def _bwd_config(dtype: torch.dtype) -> dict:
     return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "GROUP": 8, "num_warps": 8, "num_stages": 2}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # input_precision only matters for fp32 operands; bf16/fp16 keep Triton's default ("tf32").
+def _dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    # input_precision only matters for fp32 operands ("ieee", the default, holds fp32 results to 1e-5; "tf32"
+    # is faster on GPU); bf16/fp16 keep Triton's default ("tf32").
     if triton_interpreting():
         return "ieee"
-    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+    return fp32_precision if dtype == torch.float32 else "tf32"
 
 
 def _num_sms(device: torch.device) -> int:
@@ -199,7 +164,7 @@ def _check_common(hidden, weight, labels, bias):
 
 def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            bias: torch.Tensor | None, *, temperature: float, ignore_index: int,
-                           return_entropy: bool, num_v_splits: int | None = None
+                           return_entropy: bool, num_v_splits: int | None = None, fp32_precision: str = "ieee"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of ``labels`` under softmax((hidden @ weight.T + bias) / temperature).
 
@@ -209,6 +174,7 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         bias: [V] or None. temperature: > 0. return_entropy: also return the softmax entropy.
         num_v_splits: optional override of how many vocabulary splits the forward uses
             (default: chosen from the device's SM count; mainly for tests).
+        fp32_precision: "ieee" or "tf32", the dots' precision for fp32 inputs (KernelOptions.fp32_dot_precision).
 
     Returns:
         logp [N] fp32 (0 where labels == ignore_index), lse [2, N] fp32: the row max m of the
@@ -249,7 +215,7 @@ def triton_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_b, labels.stride(0),
         1.0 / float(temperature), int(ignore_index),
         HAS_BIAS=bias is not None, NEED_ENTROPY=bool(return_entropy), DOT_FP32=triton_interpreting(),
-        PRECISION=_dot_precision(hidden.dtype),
+        PRECISION=_dot_precision(hidden.dtype, fp32_precision),
         **cfg,
     )
     valid = labels != ignore_index
@@ -351,7 +317,8 @@ def _logprob_bwd_kernel(
 def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                             bias: torch.Tensor | None, lse: torch.Tensor, grad_logp: torch.Tensor, *,
                             temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
-                            need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                            need_bias: bool, fp32_precision: str = "ieee"
+                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum_n grad_logp[n] * logp[n] w.r.t. hidden, weight and bias.
 
     Args:
@@ -391,7 +358,7 @@ def triton_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
             bias.stride(0) if bias is not None else 0, labels.stride(0), lse.stride(1), grad_logp.stride(0),
             1.0 / float(temperature), int(ignore_index),
             HAS_BIAS=bias is not None, NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=need_bias,
-            DOT_FP32=triton_interpreting(), PRECISION=_dot_precision(hidden.dtype),
+            DOT_FP32=triton_interpreting(), PRECISION=_dot_precision(hidden.dtype, fp32_precision),
             **cfg,
         )
     if dh is not None and hidden.dtype != f32:

@@ -1,20 +1,10 @@
 """Autocast for the fused ops: cast the float inputs once, as ``nn.Linear`` would, then compute with autocast off.
 
-Inside ``torch.autocast(device_type, dtype=...)`` (CPU or CUDA) an ``nn.Linear`` takes a bf16 hidden state
-and an fp32 weight alike: both are cast to the autocast dtype and the matmul runs in it. The fused ops do
-the same. An autocast kernel registered for each op casts ``hidden``, ``weight`` and ``bias`` (fp32 / bf16
-/ fp16 tensors on the autocast device; float64 is left alone, as autocast does) to the autocast dtype,
-then runs the op with autocast excluded, so its own math stays in its documented precision: logits in
-the (cast) inputs' dtype, log-sum-exp, log-probs and gradient sums in fp32, gradients cast once to the
-inputs' dtype. Every output is then the op's result on the cast inputs, exactly; the casts are ordinary
-autograd ``to`` nodes, so a gradient flows back to an fp32 parameter in fp32 (at the precision of the
-autocast dtype, as with ``nn.Linear``). Other float tensors (the GRAO rewards) are not cast, as
-elementwise ops under autocast are not. ``torch.library.register_autocast`` (torch >= 2.5) casts every
-float input to one dtype fixed at registration, the rewards included, hence this rule of our own,
-built on the same dispatcher calls (present in torch 2.4 and later).
-
-Without it the op body would run partly under autocast: an out-of-place matmul inside it got cast to
-bf16 and an in-place one did not (issue 13: dhidden at bf16 accuracy, dweight at fp32).
+Inside ``torch.autocast`` (CPU or CUDA) the autocast kernel registered for each op casts ``hidden``, ``weight``
+and ``bias`` (fp32 / bf16 / fp16 on the autocast device; float64 is left alone) to the autocast dtype, then runs
+the op with autocast excluded, so every output is the op's result on the cast inputs and the casts are ordinary
+autograd ``to`` nodes. Other float tensors (the GRAO rewards) are not cast; ``torch.library.register_autocast``
+would cast them too, hence this rule of our own (why it exists: docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -58,10 +48,10 @@ def register_autocast_rule(name: str, cast_args: tuple[int, ...]) -> None:
     for device_type, key_name in AUTOCAST_KEYS.items():
         keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
 
-        def kernel(_keyset, *args, _device_type=device_type, _excluded=keyset):
+        def kernel(_keyset, *args, _device_type=device_type, _excluded=keyset, **kwargs):
             dtype = torch.get_autocast_dtype(_device_type)
             args = tuple(_cast(a, dtype, _device_type) if i in cast_args else a for i, a in enumerate(args))
             with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return overload(*args)
+                return overload(*args, **kwargs)
 
         _LIB.impl(name, kernel, key_name, with_keyset=True)

@@ -1,13 +1,9 @@
-"""Chunked PyTorch path: per-token log-probs from hidden states without [N x V] logits.
+"""The chunked PyTorch backend: per-token log-probs (and, given dLoss/dlogp, input gradients) without [N x V] logits.
 
-The CPU (and float64) implementation behind :func:`grao_kernels.linear_logprob` and
-:func:`grao_kernels.fused_linear_grao_loss`. It walks the completion tokens in chunks whose
-fp32 logits fit a memory budget, so peak memory is O(chunk x V) instead of O(N x V).
-The idea of chunking the lm_head + loss and computing the input gradients inside the
-forward pass, when the loss gradient is known there, comes from Liger-Kernel's
-fused_linear_cross_entropy (and its chunked preference losses); this is our own code.
-
-Only non-ignored tokens are visited: prompt and padding positions cost nothing.
+It walks the non-ignored tokens in chunks whose fp32 logits fit ``KernelOptions.chunk_bytes`` (one reused
+[rows x V] buffer), so peak memory is O(chunk x V); it runs any device and float dtype (float64 included). The
+idea of chunking the lm_head + loss and computing the input gradients inside the forward when the loss gradient
+is known there comes from Liger-Kernel's fused_linear_cross_entropy; this is our own code.
 """
 
 from __future__ import annotations
@@ -16,15 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from grao_kernels.options import DEFAULT_OPTIONS
 from grao_kernels.reference import compute_dtype
 
-#: fp32 logits budget per chunk: one [rows x V] buffer holds the logits and is turned into
-#: probabilities and then gradients in place (return_entropy adds a second, transient one).
-#: 48 MiB gives ~390-token chunks at V = 32000: large enough that the matmuls run near full
-#: speed (smaller chunks re-read the weight more often), small next to eager's [N x V] logits
-#: (measured at N=4096, D=512, V=32000 fp32: 64 MiB -> 154 MiB peak extra, 48 -> 151, and
-#: 32 MiB was no better, 182, through malloc's handling of allocations near its mmap threshold).
-DEFAULT_CHUNK_BYTES = 48 * 2**20
+#: The default budget (KernelOptions.chunk_bytes; how it was chosen: docs/kernels.md).
+DEFAULT_CHUNK_BYTES = DEFAULT_OPTIONS.chunk_bytes
 
 
 def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:

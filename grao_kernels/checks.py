@@ -1,11 +1,9 @@
-"""Input validation shared by the eager reference and the fused kernels.
+"""Input validation shared by the eager reference and the fused kernels (padded and token-packed inputs).
 
-Every public loss validates its inputs here, so the eager and fused paths raise the
-same errors for the same bad input. Messages name the argument and give the expected
-and actual shape / dtype / device. Nothing is broadcast, truncated or repaired.
-
-Part of the kernel package (which depends on torch and triton only);
-:class:`GRAOInputError` is exported by ``grao_kernels`` and re-exported by ``grao``.
+Every public op validates its inputs here, so the eager and fused paths raise the same
+:class:`GRAOInputError` (exported by ``grao_kernels``, re-exported by ``grao``) for the same
+bad input, naming the argument and the expected and actual shape / dtype / device. Nothing
+is broadcast, truncated or repaired.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grao_kernels._autocast import autocast_dtype, effective_dtype
+from grao_kernels.autocast import autocast_dtype, effective_dtype
 
 
 def _checking_values() -> bool:
@@ -87,7 +85,7 @@ def check_linear_inputs(hidden, weight, labels, bias=None, *, ignore_index: int 
     hidden, weight and bias share one floating dtype and one device; labels are int64 or int32
     on the same device with values in [0, V) or equal to ignore_index. Under autocast on their device
     their dtypes are compared after autocast's cast (fp32/bf16/fp16 -> the autocast dtype), as the ops
-    and ``nn.Linear`` cast them (grao_kernels._autocast).
+    and ``nn.Linear`` cast them (grao_kernels.autocast).
     """
     check_tensor("hidden", hidden, floating=True)
     check_tensor("weight", weight, floating=True)
@@ -236,3 +234,55 @@ def check_linear_grao_inputs(hidden, weight, labels, rewards, bias, *, beta, lam
     counts = (labels != ignore_index).sum(-1)
     check_reference_rows(counts, group + 1)
     return layout, group, counts, hyper
+
+
+# Token-packed (padding-free) inputs: cu_seqlens / row_index with hidden [N, D], labels [N].
+
+
+def check_packed_rows(hidden, labels, cu_seqlens, row_index, num_rows: int) -> torch.Tensor:
+    """Padding-free layout: hidden [N, D], labels [N] and exactly one of ``cu_seqlens`` [num_rows + 1]
+    (row r's tokens are ``cu_seqlens[r]:cu_seqlens[r + 1]``, flash-attn style) or ``row_index`` [N] (the row
+    of each token). Returns the row index [N] int64 on labels' device."""
+    if (cu_seqlens is None) == (row_index is None):
+        _fail("pass exactly one of cu_seqlens and row_index for token-packed (padding-free) inputs")
+    if hidden.dim() != 2:
+        _fail(f"hidden must be [N, D] (token-packed) when cu_seqlens or row_index is given, got shape {_shape(hidden)}")
+    if labels.dim() != 1:
+        _fail(f"labels must be [N] (token-packed) when cu_seqlens or row_index is given, got shape {_shape(labels)}")
+    n = labels.shape[0]
+    name, t = ("cu_seqlens", cu_seqlens) if cu_seqlens is not None else ("row_index", row_index)
+    check_tensor(name, t, floating=False)
+    if t.device != labels.device:
+        _fail(f"{name} must be on the device of hidden/labels {labels.device}, got {t.device}")
+    want = num_rows + 1 if cu_seqlens is not None else n
+    if t.dim() != 1 or t.shape[0] != want:
+        what = f"[B + 1] = [{want}] (B = {num_rows} rows)" if cu_seqlens is not None else f"[N] = [{n}]"
+        _fail(f"{name} must be {what}, got shape {_shape(t)}")
+    t = t.long()
+    if cu_seqlens is not None:
+        if _checking_values():
+            if int(t[0]) != 0 or int(t[-1]) != n:
+                _fail(f"cu_seqlens must start at 0 and end at N = {n} (the number of tokens), got "
+                      f"{int(t[0])} ... {int(t[-1])}")
+            if bool((t.diff() < 0).any()):
+                _fail("cu_seqlens must be non-decreasing (row r's tokens are cu_seqlens[r]:cu_seqlens[r+1])")
+        return torch.repeat_interleave(torch.arange(num_rows, device=t.device), t.diff(), output_size=n)
+    if _checking_values() and n > 0 and bool(((t < 0) | (t >= num_rows)).any()):
+        bad = int(t[(t < 0) | (t >= num_rows)][0])
+        _fail(f"row_index must be in [0, B) = [0, {num_rows}), found {bad}")
+    return t
+
+
+def check_packed_grao_inputs(hidden, weight, labels, rewards, bias, cu_seqlens, row_index, *, beta, lam, eps,
+                             temperature, ignore_index):
+    """All checks of the padding-free GRAO loss (hidden [N, D], labels [N], cu_seqlens or row_index).
+
+    Returns (layout, G, token_counts [B], row_index [N] int64, (beta, lam, eps, temperature))."""
+    layout = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    hyper = check_grao_hyper(beta, lam, eps, temperature)
+    prompts, group = check_rewards(rewards, device=hidden.device)
+    rows = check_packed_rows(hidden, labels, cu_seqlens, row_index, prompts * (group + 1))
+    counts = torch.zeros(prompts * (group + 1), dtype=torch.long, device=labels.device)
+    counts.index_add_(0, rows, (labels != ignore_index).long())
+    check_reference_rows(counts, group + 1)
+    return layout, group, counts, rows, hyper

@@ -1,26 +1,13 @@
-"""Native CPU path: the C++ kernel of csrc/grao_cpu.cpp, built on first use, behind the same torch.library ops.
+"""The native CPU backend: csrc/'s C++ kernel (``module.logprob_pass``), built on first use and cached by a source hash.
 
-The ``linear_logprob`` and ``fused_linear_grao`` ops run it for CPU fp32 / bf16 tensors when it is
-available (float64, fp16 and ``return_entropy`` with fp16 keep the chunked PyTorch path of _chunked.py).
-It is built with ``torch.utils.cpp_extension.load`` (ninja and the system C++ compiler) the first time a
-process needs it, into torch's extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``),
-in a folder named by ``build_key()``: a hash of the csrc/ sources, the flags, torch's version, the C++
-compiler's version and the Python ABI (``grao_kernels_cpu_<12 hex>``). Later processes, of this checkout or
-of any other with the same sources, import the library found there without running the build again;
-checkouts with other sources get other folders and do not evict each other's build. A build (about 45 s
-on 2 cores) prints one line to stderr first (``announce_build``); loading a cached build prints nothing.
-If it cannot be built or loaded, one warning line says why and the chunked path runs instead.
-
-``GRAO_KERNELS_CPU`` (read per call) picks the CPU path:
-
-* ``auto`` (default): the native kernel when it builds, else the chunked path (one warning);
-* ``native``: the native kernel, an error naming the build failure when it cannot be built;
-* ``chunked``: the chunked PyTorch path, the native kernel is never built.
-
-Build flags: ``-O3`` and OpenMP only, no ``-march``: the AVX-512 row kernel is compiled through a function
-target attribute and chosen at run time, so a build made on one x86-64 machine runs on any other
-(a CPU without AVX-512 runs the scalar kernel); the fp32 GEMMs are ATen's (MKL), the bf16 ones oneDNN's brgemm
-ukernel on AMX CPUs (found in libtorch at run time), else MKL's bf16 GEMM, else ATen's: each dispatches by CPU.
+It serves CPU fp32 / bf16 tensors (:func:`serves`); the dispatch table sends other dtypes to the chunked path.
+It is built with ``torch.utils.cpp_extension.load`` the first time a process needs it, into torch's extension
+cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) in a folder named by :func:`build_key` (a hash
+of the csrc/ sources, the flags, torch, the C++ compiler and the Python ABI), so later processes and other
+checkouts with the same sources load it without building. A build prints one stderr line first; a build that
+fails warns once (unless GRAO_KERNELS_CPU=native, which makes it an error: grao_kernels.dispatch.resolve).
+Flags: ``-O3`` and OpenMP, no ``-march`` (the AVX-512 row kernel is chosen at run time). Details and
+measurements: docs/kernels.md and csrc/README.md.
 """
 
 from __future__ import annotations
@@ -35,27 +22,20 @@ from pathlib import Path
 
 import torch
 
-from grao_kernels._checks import GRAOInputError
+from grao_kernels.checks import GRAOInputError
+from grao_kernels.options import CPU_ENV, DEFAULT_OPTIONS
 
-CPU_PATH_ENV = "GRAO_KERNELS_CPU"
-CPU_PATHS = ("auto", "native", "chunked")
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"  # grao_kernels/cpu/native.py -> <root>/csrc
 SOURCE = CSRC / "grao_cpu.cpp"  # the one translation unit; it includes csrc/*.h
 #: Prefix of the extension's name and cache folder; ``extension_name()`` appends ``build_key()``.
 EXTENSION_PREFIX = "grao_kernels_cpu"
 CFLAGS = ("-O3", "-fopenmp")  # plus -DGRAO_CSRC_DIGEST=<source_digest()>
 LDFLAGS = ("-fopenmp",)
-#: What a first build takes, for the build's one-line message: measured 41 s and 46 s wall (29-31 s of CPU: the
-#: one translation unit compiles on one core; 1.6 GB peak RSS) on a 2-core AMD EPYC VM shared with other work.
+#: What a first build takes, for the build's one-line message (measured: docs/kernels.md).
 BUILD_TIME = "about 45 s"
-#: fp32 logits workspace per tile ([tile rows x V]), allocated once per call and independent of N. Each tile's
-#: GEMMs re-read (and the BLAS re-packs) the whole [V, D] weight and read-modify-write dW (fp32, or bf16 plus
-#: its int8 residual: csrc/hilo.h), so that
-#: overhead falls as 1 / rows; at V = 32000 this budget gives 256-row tiles (measured on a 2-core Xeon under
-#: load, fp32 N=4096: 64-row tiles ~1.9x slower than 256-row ones, 512 rows no better) at 2% of eager's
-#: [N x V] memory at N = 4096; bf16 passes with gradients keep 2 bytes per logit there (the compact tile), so the
-#: same budget holds twice the rows. MIN_TILE_ROWS keeps large vocabularies (V = 152k: 128 rows, 74 MiB) efficient.
-TILE_BYTES = 32 * 2**20
+#: The default fp32 [tile x V] workspace (KernelOptions.native_tile_bytes) and, for it only, the fewest rows a
+#: tile has (large vocabularies stay efficient); a budget set through KernelOptions is taken as given.
+TILE_BYTES = DEFAULT_OPTIONS.native_tile_bytes
 MIN_TILE_ROWS = 128
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -64,14 +44,8 @@ _state: dict = {}  # "module": the loaded extension, or "error": why it could no
 
 
 class NativeBuildError(RuntimeError):
-    """GRAO_KERNELS_CPU=native was asked for and the native CPU kernel could not be built or loaded."""
-
-
-def cpu_path() -> str:
-    value = os.environ.get(CPU_PATH_ENV, "auto")
-    if value not in CPU_PATHS:
-        raise GRAOInputError(f"{CPU_PATH_ENV} must be one of {CPU_PATHS}, got {value!r}")
-    return value
+    """The native CPU kernel was required (backend="native" or GRAO_KERNELS_CPU=native) and could not be built
+    or loaded."""
 
 
 def source_digest(csrc: Path | None = None) -> str:
@@ -135,7 +109,7 @@ def announce_build(folder, *, waiting: bool = False, stream=None) -> None:
                 f"({BUILD_TIME} from its start; delete its file 'lock' if no build is running)")
     else:
         line = (f"grao_kernels: building the native CPU kernel (first use of these csrc/ sources with this torch "
-                f"and compiler; {BUILD_TIME}; {CPU_PATH_ENV}=chunked skips it) in {folder}")
+                f"and compiler; {BUILD_TIME}; {CPU_ENV}=chunked skips it) in {folder}")
     print(line, file=sys.stderr if stream is None else stream, flush=True)
 
 
@@ -167,8 +141,17 @@ def _build():
                               verbose=False)
 
 
+def _cpu_default() -> str:
+    from grao_kernels.options import process_defaults
+    try:
+        return process_defaults().cpu
+    except GRAOInputError:
+        return "auto"
+
+
 def load_native():
-    """The built extension, or None (after one warning line) when it cannot be built; building happens once."""
+    """The built extension, or None when it cannot be built (one warning line, unless GRAO_KERNELS_CPU=native,
+    whose callers raise NativeBuildError instead); building happens once per process."""
     with _lock:
         if "module" not in _state and "error" not in _state:
             try:
@@ -176,57 +159,42 @@ def load_native():
             except Exception as exc:  # noqa: BLE001 - compiler missing, build error, import error: all fall back
                 reason = " ".join(str(exc).split())[:300] or type(exc).__name__
                 _state["error"] = f"{type(exc).__name__}: {reason}"
-                if cpu_path() == "auto":
+                if _cpu_default() != "native":
                     warnings.warn(f"grao_kernels: native CPU kernel unavailable ({_state['error']}); using the "
-                                  f"chunked PyTorch path (set {CPU_PATH_ENV}=chunked to skip the build)",
+                                  f"chunked PyTorch path (set {CPU_ENV}=chunked to skip the build)",
                                   RuntimeWarning, stacklevel=3)
-        module = _state.get("module")
-    if module is None and cpu_path() == "native":
-        raise NativeBuildError(f"{CPU_PATH_ENV}=native but the native CPU kernel could not be built: "
-                               f"{_state['error']}")
-    return module
+        return _state.get("module")
 
 
-@torch.compiler.assume_constant_result
-def native_enabled() -> bool:
-    """GRAO_KERNELS_CPU is not "chunked" and the kernel is built (building it on first use). Under torch.compile
-    it runs once while tracing and its answer is a constant of the graph (no lock or environment in the trace)."""
-    return cpu_path() != "chunked" and load_native() is not None
+def build_error() -> str | None:
+    """Why the kernel could not be built (None if it was, or was not tried yet)."""
+    return _state.get("error")
 
 
 @torch.compiler.assume_constant_result
 def native_built() -> bool:
-    """The kernel is built (building it on first use), whatever GRAO_KERNELS_CPU says; constant under compile."""
+    """The kernel is built (building it on first use). Under torch.compile it runs once while tracing and its
+    answer is a constant of the graph (no lock or build in the trace)."""
     return load_native() is not None
 
 
-def use_native(tensor: torch.Tensor) -> bool:
-    """Whether backend "auto" runs the native kernel for ``tensor``: a CPU fp32 / bf16 tensor and native_enabled()."""
-    return tensor.device.type == "cpu" and tensor.dtype in DTYPES and native_enabled()
+def serves(tensor: torch.Tensor) -> bool:
+    """Whether the native kernel runs ``tensor``'s dtype and device (CPU fp32 / bf16) and is built."""
+    return tensor.device.type == "cpu" and tensor.dtype in DTYPES and load_native() is not None
 
 
 def require_native(tensor: torch.Tensor) -> None:
     """backend="native": a clear error unless ``tensor`` is a CPU tensor and the kernel is built (other float
-    dtypes are accepted: the op runs them on the chunked path, as it does for fp16 under autocast)."""
+    dtypes are accepted: they run on the chunked path, as fp16 under autocast does)."""
     if tensor.device.type != "cpu":
         raise GRAOInputError(f"backend='native' is the CPU kernel; got a tensor on {tensor.device}")
     if not native_built():
-        raise NativeBuildError(f"backend='native': the native CPU kernel could not be built: {_state['error']}")
-
-
-def cpu_pass(hidden, weight, labels, bias, **kwargs):
-    """The op bodies' CPU pass for backend "native": the native kernel for fp32 / bf16, the chunked PyTorch
-    path for other dtypes (float64, or fp16 reaching the op under autocast). Arguments as ``native_pass``."""
-    if hidden.dtype in DTYPES and hidden.device.type == "cpu" and load_native() is not None:
-        return native_pass(hidden, weight, labels, bias, **kwargs)
-    from grao_kernels._chunked import chunked_linear_logprob
-
-    return chunked_linear_logprob(hidden, weight, labels, bias, **kwargs)
+        raise NativeBuildError(f"backend='native': the native CPU kernel could not be built: {build_error()}")
 
 
 def tile_rows(vocab: int, tile_bytes: int | None = None, min_rows: int | None = None) -> int:
     """Tokens per tile: the fp32 [rows x vocab] workspace within ``tile_bytes`` (default TILE_BYTES), a multiple of
-    16 rows, at least ``min_rows`` (default MIN_TILE_ROWS; tests pass a small one to get many ragged tiles)."""
+    16 rows, at least ``min_rows`` (default MIN_TILE_ROWS)."""
     budget = TILE_BYTES if tile_bytes is None else tile_bytes
     floor = MIN_TILE_ROWS if min_rows is None else min_rows
     return max(floor, 1, int(budget) // (4 * max(1, vocab)) // 16 * 16)
@@ -234,7 +202,10 @@ def tile_rows(vocab: int, tile_bytes: int | None = None, min_rows: int | None = 
 
 def native_pass(hidden, weight, labels, bias, *, temperature, ignore_index, return_entropy=False, grad_logp=None,
                 backward_only=False, need_hidden=True, need_weight=True, need_bias=True, tile_bytes=None, isa=0):
-    """The native counterpart of ``_chunked.chunked_linear_logprob`` (same arguments and ``ChunkedResult``).
+    """The native counterpart of ``cpu.chunked.chunked_linear_logprob`` (same arguments and ``ChunkedResult``).
+
+    ``tile_bytes``: the tile workspace (None or TILE_BYTES: the default, at least MIN_TILE_ROWS rows; another
+    value is taken as given, so tests get many ragged tiles).
 
     Only tokens whose label is not ``ignore_index`` are visited; with ``backward_only`` also only those with
     a non-zero incoming gradient. ``isa`` (tests of the fallbacks) is a bit set: 1 forces the scalar row kernel
@@ -243,11 +214,11 @@ def native_pass(hidden, weight, labels, bias, *, temperature, ignore_index, retu
     gradients, instead of its online softmax over vocabulary blocks, 16 a bf16 pass with gradients through the fp32
     [tile x V] logits buffer instead of the compact tile of fp16 exponentials (twice the rows; csrc/compact.h).
     """
-    from grao_kernels._chunked import ChunkedResult
+    from grao_kernels.cpu.chunked import ChunkedResult
 
     module = load_native()
     if module is None:
-        raise NativeBuildError(f"native CPU kernel unavailable: {_state.get('error')}")
+        raise NativeBuildError(f"native CPU kernel unavailable: {build_error()}")
     labels = labels.long().contiguous()
     mask = labels != ignore_index
     if grad_logp is not None:
@@ -260,7 +231,7 @@ def native_pass(hidden, weight, labels, bias, *, temperature, ignore_index, retu
     logp, lse, entropy, dh, dw, db = module.logprob_pass(
         hidden, weight, labels, bias, rows, grad_logp, float(temperature), bool(return_entropy),
         want and need_hidden, want and need_weight, want and need_bias and bias is not None,
-        tile_rows(weight.shape[0], tile_bytes, None if tile_bytes is None else 1), int(isa))
+        tile_rows(weight.shape[0], tile_bytes, None if tile_bytes in (None, TILE_BYTES) else 1), int(isa))
     return ChunkedResult(logp=logp, lse=lse, entropy=entropy if return_entropy else None,
                          grad_hidden=dh if want and need_hidden else None,
                          grad_weight=dw if want and need_weight else None,

@@ -72,7 +72,7 @@ def test_run_sets_up_a_fresh_clone_then_runs(tmp_path, gpu, torch_spec):
         "+ python3 -m venv .venv",
         "+ .venv/bin/python -m pip install -q --upgrade pip",
         f"+ .venv/bin/python -m pip install -q {torch_spec}",
-        "+ .venv/bin/python -m pip install -q -e .[dev,bench,trl,peers]",
+        "+ .venv/bin/python -m pip install -q -e .[dev,bench,trl,peers,lora]",
         "+ .venv/bin/grao demo --steps 2",
     ]
 

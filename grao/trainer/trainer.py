@@ -40,6 +40,7 @@ from grao.data import PromptSampler, load_records, warn_about_records
 from grao.rewards import resolve_reward
 from grao.trainer import checkpoint as ckpt
 from grao.trainer import distributed as dist
+from grao.trainer import lora
 from grao.trainer.config import ConfigError, TrainConfig, check_resume
 from grao.trainer.forward import LossBackend, PolicyForward, resolve_loss_impl
 from grao.trainer.methods import Method, get_method
@@ -165,6 +166,10 @@ class Trainer:
                                else cfg.sample_seeding)
         # FSDP2 sharding with several processes (one process: nothing to shard, the plain path)
         self.fsdp = self.world_size > 1 and dist.launch_parallel(cfg.parallel) == "fsdp"
+        if self.fsdp and lora.lora_enabled(cfg):
+            raise NotImplementedError("LoRA (lora_r > 0) is not supported with FSDP (parallel='fsdp'): FSDP2 "
+                                      "all-gathers each unit's parameters in one dtype, and the adapters (fp32) sit "
+                                      "beside frozen bf16 weights; LoRA trains with DDP (parallel='ddp')")
         if self.fsdp and cfg.resume:
             raise NotImplementedError("resume=True is not supported with FSDP (parallel='fsdp'): the checkpoints "
                                       "hold full model weights (an ordinary HF checkpoint, usable as --model) but "
@@ -216,23 +221,37 @@ class Trainer:
     def _init_model(self, model, tokenizer) -> None:
         """The policy on its device (from a checkpoint when resuming), with the run's model options."""
         cfg = self.config
+        use_lora = lora.lora_enabled(cfg)
+        self.weight_dtype = lora.weight_dtype(cfg, self.device)
+        # with LoRA a checkpoint holds the adapter only: the base model is loaded, then the adapter onto it
+        from_ckpt = str(self.resume_from) if self.resume_from is not None and not use_lora else None
         if model is None:
-            model, tok = load_model_and_tokenizer(cfg, source=str(self.resume_from) if self.resume_from else None)
+            model, tok = load_model_and_tokenizer(cfg, source=from_ckpt, dtype=self.weight_dtype)
             tokenizer = tokenizer or tok
-        elif self.resume_from is not None:
-            from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(self.resume_from,
-                                                         trust_remote_code=bool(cfg.trust_remote_code))
+        else:
+            if use_lora and lora.is_peft_model(model):
+                raise ValueError("lora_r > 0 adds LoRA adapters itself: pass the base model, not a PEFT model")
+            if from_ckpt is not None:
+                from transformers import AutoModelForCausalLM
+                model = AutoModelForCausalLM.from_pretrained(from_ckpt, trust_remote_code=bool(cfg.trust_remote_code))
+            if cfg.model_dtype != "auto":  # auto keeps a given model's dtype
+                model = model.to(self.weight_dtype)
         if tokenizer is None:
             raise ValueError("a tokenizer is required when a model object is passed")
         self.model, self.tokenizer = model.to(self.device), tokenizer
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if cfg.disable_dropout:
+        self.weight_dtype = next(self.model.parameters()).dtype  # the frozen weights' dtype under LoRA
+        if cfg.disable_dropout:  # before the adapters: --lora-dropout is the adapters' own
             disable_dropout(self.model)
+        if use_lora:
+            self.model = (lora.apply_lora(self.model, cfg) if self.resume_from is None
+                          else lora.load_lora(self.model, self.resume_from, trainable=True))
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+            if use_lora:  # frozen embeddings: the checkpointed blocks' inputs must carry a gradient
+                self.model.enable_input_require_grads()
         self.backbone, self.head = lm_parts(self.model)
         # Several processes: every rank starts from rank 0's weights. DDP copies them when it wraps the
         # model (the policy's loss forwards then go through self.ddp); FSDP2 shards the model later,
@@ -423,7 +442,8 @@ class Trainer:
         optim = {} if self.fsdp else self.optimizer.state_dict()
         return {"step": self.step, "optimizer": optim, "parallel": "fsdp" if self.fsdp else "ddp",
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng,
-                "config": ckpt.plain(dataclasses.asdict(self.config)), "counters": dict(self.counters), "format": 1}
+                "config": ckpt.plain(dataclasses.asdict(self.config)), "counters": dict(self.counters), "format": 1,
+                "weight_dtype": lora.DTYPE_NAMES.get(self.weight_dtype, str(self.weight_dtype))}
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-XXXXXXXX, written atomically by rank 0 (``checkpoint.write_checkpoint``); under

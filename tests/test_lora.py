@@ -291,3 +291,51 @@ def test_peft_is_imported_only_for_lora_and_missing_peft_is_a_clear_error(tmp_pa
 def test_lora_settings_are_not_resume_safe():
     from grao.trainer.config import RESUME_SAFE
     assert not {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "model_dtype"} & set(RESUME_SAFE)
+
+
+def test_two_processes_match_one_process_with_lora(tmp_path):
+    """DDP (gloo, 2 processes) trains the adapters as one process does on the global batch; the frozen weights
+    are not DDP's (no gradient), and rank 0 saves the adapter."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import ARGS, LR, _launcher, _metrics, _run
+    lora_args = [*ARGS, "--lora-r", "4", "--micro-batch-rows", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "grao.cli", "train", *lora_args, "--output-dir", str(one)])
+    _run(_launcher(2) + ["train", *lora_args, "--output-dir", str(two)])
+    m1, m2 = _metrics(one), _metrics(two)
+    assert all(r["world_size"] == 2 and r["parallel"] == "ddp" for r in m2)
+    for a, b in zip(m1, m2, strict=True):
+        assert (a["sample"], a["reward_mean"]) == (b["sample"], b["reward_mean"])
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    w1 = load_file(str(checkpoint_dirs(one)[-1] / "adapter_model.safetensors"))
+    w2 = load_file(str(checkpoint_dirs(two)[-1] / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys() and any("lora_B" in k for k in w1)
+    assert max(w1[k].abs().max().item() for k in w1 if "lora_B" in k) > 0.5 * LR  # lora_B moved from 0
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0.05 * LR, msg=k)
+
+
+def test_benchmark_quick_runs(tmp_path):
+    res = subprocess.run([sys.executable, "benchmarks/lora_memory.py", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, check=False,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in summary["rows"]] == ["full_fp32", "lora_fp32", "lora_bf16"]
+    full, lora_bf16 = summary["rows"][0], summary["rows"][2]
+    assert lora_bf16["trainable"] < full["trainable"] and lora_bf16["weight_dtypes"] == ["bfloat16", "float32"]
+    assert "| LoRA r = 4, bf16 weights (adapters fp32) |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.parametrize("method, kw", [("dpo", {}), ("grpo", {"grpo_kl_beta": 0.1})])
+def test_methods_with_a_reference_model_train_the_adapters(tmp_path, method, kw):
+    tr = lora_trainer(tmp_path, method=method, model_dtype="bf16", **kw)
+    assert tr.ref_model is not None and not any(p.requires_grad for p in tr.ref_model.parameters())
+    randomise_adapters(tr.model, scale=0.05)  # away from the reference (at lora_B = 0 the KL has no gradient)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    m = tr.train_step()
+    assert not m["skipped"] and m["grad_norm"] > 0
+    changed = {n for n, p in tr.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)

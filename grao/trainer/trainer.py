@@ -278,7 +278,7 @@ class Trainer:
         if self.resume_from is None:
             ref = copy.deepcopy(self.model)  # after DDP's broadcast (wrap_ddp): rank 0's initial weights
         else:
-            ref, _ = load_model_and_tokenizer(self.config)
+            ref, _ = load_model_and_tokenizer(self.config, dtype=self.weight_dtype)
         ref.to(self.device).eval()
         for p in ref.parameters():
             p.requires_grad_(False)

@@ -123,6 +123,16 @@ def load_lora(model, path, *, trainable: bool):
         return peft.PeftModel.from_pretrained(model, str(path), is_trainable=trainable, autocast_adapter_dtype=True)
 
 
+def adapters_follow_autocast(model) -> None:
+    """Every forward of ``model`` runs under autocast: let its adapters take their input as it is. peft casts
+    an adapter's input to the adapter's dtype (fp32) first; under bf16 autocast the matmul casts it back, and
+    that bf16 copy is what the backward keeps, for each of the 7 adapters of a layer. Without the cast the
+    adapter reads the tensor its base layer has already kept."""
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+
+
 @contextlib.contextmanager
 def _quiet():
     """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning per wrap): not the user's."""

@@ -139,11 +139,56 @@ def load_merged_adapter(config: TrainConfig, path, device=None, *, name: str = "
     return model, tok
 
 
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA when ``config.bf16`` asks for it ("auto": when the card supports bf16), else None."""
-    if device.type != "cuda" or str(config.bf16).lower() not in ("true", "auto"):
+def prepare_policy(config: TrainConfig, device: torch.device, model=None, tokenizer=None, resume_from=None):
+    """(policy on ``device``, tokenizer, dtype of its frozen weights) with the run's model options: loaded (or
+    the ``model`` given) in ``model_dtype``, from the checkpoint ``resume_from`` when resuming, dropout off,
+    LoRA adapters (fresh, or the checkpoint's: with LoRA a checkpoint holds the adapter only, so the base is
+    loaded and the adapter onto it), gradient checkpointing."""
+    from grao.trainer import lora
+    use_lora = lora.lora_enabled(config)
+    dtype = lora.weight_dtype(config, device)
+    from_ckpt = str(resume_from) if resume_from is not None and not use_lora else None
+    if model is None:
+        model, tok = load_model_and_tokenizer(config, source=from_ckpt, dtype=dtype)
+        tokenizer = tokenizer or tok
+    else:
+        if use_lora and lora.is_peft_model(model):
+            raise ValueError("lora_r > 0 adds LoRA adapters itself: pass the base model, not a PEFT model")
+        if from_ckpt is not None:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(from_ckpt, trust_remote_code=bool(config.trust_remote_code))
+        if config.model_dtype != "auto":  # auto keeps a given model's dtype
+            model = model.to(dtype)
+    if tokenizer is None:
+        raise ValueError("a tokenizer is required when a model object is passed")
+    model = model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = next(model.parameters()).dtype  # the frozen weights' dtype under LoRA
+    if config.disable_dropout:  # before the adapters: --lora-dropout is the adapters' own
+        disable_dropout(model)
+    if use_lora:
+        model = (lora.apply_lora(model, config) if resume_from is None
+                 else lora.load_lora(model, resume_from, trainable=True))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        if use_lora:  # frozen embeddings: the checkpointed blocks' inputs must carry a gradient
+            model.enable_input_require_grads()
+    return model, tokenizer, dtype
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device, weights: torch.dtype | None = None) -> torch.dtype | None:
+    """bf16 autocast on CUDA when ``config.bf16`` asks for it ("auto": when the card supports bf16), else None.
+    On another device, bf16 when the model's frozen ``weights`` are bf16 (LoRA on bf16 weights) unless
+    ``bf16`` is false: the fp32 adapters then compute in bf16 too, as on a GPU, instead of each adapter
+    keeping an fp32 copy of its input for the backward."""
+    choice = str(config.bf16).lower()
+    if device.type != "cuda":
+        return torch.bfloat16 if weights == torch.bfloat16 and choice != "false" else None
+    if choice not in ("true", "auto"):
         return None
-    if str(config.bf16).lower() == "auto" and not torch.cuda.is_bf16_supported():
+    if choice == "auto" and not torch.cuda.is_bf16_supported():
         return None
     return torch.bfloat16
 

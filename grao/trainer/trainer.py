@@ -53,9 +53,9 @@ from grao.trainer.metrics import (
 )
 from grao.trainer.model import (
     autocast_dtype,
-    disable_dropout,
     lm_parts,
     load_model_and_tokenizer,
+    prepare_policy,
 )
 from grao.trainer.rollout import Rollout, RolloutEngine
 
@@ -100,7 +100,9 @@ class Trainer:
         self.resume_from = self._claim_output_dir()
         self._init_model(model, tokenizer)
         self.loss_impl = resolve_loss_impl(cfg.loss_impl)
-        self.autocast_dtype = autocast_dtype(cfg, self.device)
+        self.autocast_dtype = autocast_dtype(cfg, self.device, self.weight_dtype)
+        if self.autocast_dtype is not None and lora.lora_enabled(cfg):
+            lora.adapters_follow_autocast(self.model)
         self.reward_fn = reward if reward is not None else resolve_reward(
             cfg.reward, trust_remote_code=bool(cfg.trust_remote_code))
         if train_records is None:
@@ -220,38 +222,8 @@ class Trainer:
 
     def _init_model(self, model, tokenizer) -> None:
         """The policy on its device (from a checkpoint when resuming), with the run's model options."""
-        cfg = self.config
-        use_lora = lora.lora_enabled(cfg)
-        self.weight_dtype = lora.weight_dtype(cfg, self.device)
-        # with LoRA a checkpoint holds the adapter only: the base model is loaded, then the adapter onto it
-        from_ckpt = str(self.resume_from) if self.resume_from is not None and not use_lora else None
-        if model is None:
-            model, tok = load_model_and_tokenizer(cfg, source=from_ckpt, dtype=self.weight_dtype)
-            tokenizer = tokenizer or tok
-        else:
-            if use_lora and lora.is_peft_model(model):
-                raise ValueError("lora_r > 0 adds LoRA adapters itself: pass the base model, not a PEFT model")
-            if from_ckpt is not None:
-                from transformers import AutoModelForCausalLM
-                model = AutoModelForCausalLM.from_pretrained(from_ckpt, trust_remote_code=bool(cfg.trust_remote_code))
-            if cfg.model_dtype != "auto":  # auto keeps a given model's dtype
-                model = model.to(self.weight_dtype)
-        if tokenizer is None:
-            raise ValueError("a tokenizer is required when a model object is passed")
-        self.model, self.tokenizer = model.to(self.device), tokenizer
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.weight_dtype = next(self.model.parameters()).dtype  # the frozen weights' dtype under LoRA
-        if cfg.disable_dropout:  # before the adapters: --lora-dropout is the adapters' own
-            disable_dropout(self.model)
-        if use_lora:
-            self.model = (lora.apply_lora(self.model, cfg) if self.resume_from is None
-                          else lora.load_lora(self.model, self.resume_from, trainable=True))
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-            self.model.config.use_cache = False
-            if use_lora:  # frozen embeddings: the checkpointed blocks' inputs must carry a gradient
-                self.model.enable_input_require_grads()
+        self.model, self.tokenizer, self.weight_dtype = prepare_policy(self.config, self.device, model, tokenizer,
+                                                                       self.resume_from)
         self.backbone, self.head = lm_parts(self.model)
         # Several processes: every rank starts from rank 0's weights. DDP copies them when it wraps the
         # model (the policy's loss forwards then go through self.ddp); FSDP2 shards the model later,

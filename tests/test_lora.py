@@ -107,6 +107,12 @@ def test_bf16_weights_fp32_adapters(tmp_path):
     tr = lora_trainer(tmp_path, model_dtype="bf16")
     for n, p in tr.model.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), n
+    # bf16 compute on the CPU too, the adapters reading their input as their base layer keeps it
+    assert tr.autocast_dtype == torch.bfloat16
+    layers = [m for m in tr.model.modules() if hasattr(m, "lora_A")]
+    assert len(layers) == 14 and all(m.cast_input_dtype_enabled is False for m in layers)
+    off = lora_trainer(tmp_path / "off", model_dtype="bf16", bf16="false")
+    assert off.autocast_dtype is None and off.train_step()["grad_norm"] > 0  # fp32 adapters on bf16 input
     m = tr.train_step()
     assert not m["skipped"] and m["grad_norm"] > 0
     states = [s for s in tr.optimizer.state.values()]
@@ -234,6 +240,13 @@ def test_eval_and_model_of_a_lora_checkpoint(lora_run, capsys):
     from grao.trainer import load_model_and_tokenizer
     model, _ = load_model_and_tokenizer(TrainConfig(), source=str(lora_run))
     assert not lora.is_peft_model(model) and type(model).__name__ == "LlamaForCausalLM"
+    assert next(model.parameters()).dtype == torch.float32
+    # the run's base (its bf16 weights) + the adapter, merged: what the trained policy computes
+    base = demo.build_model(demo.build_tokenizer(), seed=0, size=demo.model_size("copy")).to(torch.bfloat16).float()
+    ref = peft.PeftModel.from_pretrained(base, str(lora_run))
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def _cli_error(args, tmp_path) -> str:

@@ -271,8 +271,8 @@ class TrainConfig:
     lora_dropout: float = _num(0.0, "dropout on the adapters' input (0: none, as on-policy RL wants the sampled and "
                                "the trained policy equal)", 0, 1, open_high=True)
     lora_target_modules: str = _field(DEFAULT_TARGET_MODULES, "comma-separated names of the linear layers that get "
-                                      "adapters (default: the attention and MLP projections of Llama, Qwen, "
-                                      "Mistral), or all-linear", "text")
+                                      "adapters, or all-linear; the default names every attention and MLP "
+                                      "projection of Llama, Qwen2/3 and Mistral", "text")
     # sampling
     group_size: int = _int(8, "G: completions sampled per prompt (grpo: >= 2)", 1)
     prompts_per_step: int = _int(8, "P: prompts per step, over all processes", 1)
@@ -325,7 +325,8 @@ class TrainConfig:
                                  "padding-free (Llama, Mistral, Qwen2/3 families); --no-prefix-sharing pads every row")
     max_consecutive_skips: int = _int(10, "stop after this many steps in a row without an update (0: never)", 0)
     gradient_checkpointing: bool = _bool(False, "recompute activations in the backward: less memory, slower")
-    bf16: str = _field("auto", "bf16 autocast on CUDA: auto (when the GPU supports it), true or false", "auto_bool")
+    bf16: str = _field("auto", "bf16 autocast on CUDA: auto (when the GPU supports it), true or false; bf16 weights "
+                       "(LoRA, --model-dtype bf16) compute under it on the CPU too, unless false", "auto_bool")
     attn_implementation: str = _field("sdpa", "attention kernel for transformers: sdpa, eager, flash_attention_2 "
                                       "(needs flash-attn), ...", "text")
     disable_dropout: bool = _bool(True, "set every dropout probability to 0")

@@ -130,10 +130,12 @@ def load_adapter_base(config: TrainConfig, path, device=None, *, name: str = "mo
 
 
 def load_merged_adapter(config: TrainConfig, path, device=None, *, name: str = "model", dtype=None):
-    """(plain model, tokenizer) of the LoRA checkpoint ``path``: its base model with the adapter merged in."""
+    """(plain model in ``dtype``, default fp32; tokenizer) of the LoRA checkpoint ``path``: its base model as the
+    run held it (bf16, say: the adapter was trained on those rounded weights) with the adapter merged in, in
+    fp32 (as ``grao merge-lora`` does)."""
     from grao.trainer import lora
-    base, tok, _ = load_adapter_base(config, path, device, name=name, dtype=dtype)
-    model = lora.load_lora(base, path, trainable=False).merge_and_unload()
+    base, tok, _ = load_adapter_base(config, path, device, name=name)
+    model = lora.load_lora(base.float(), path, trainable=False).merge_and_unload().to(dtype or torch.float32)
     if device is not None:
         model.to(device)
     return model, tok

@@ -19,8 +19,8 @@ from typing import Any
 from grao.baselines import GRPO_LOSS_TYPES
 from grao.demo import TASKS
 from grao.trainer.methods import METHODS, get_method
-from grao.rewards import check_reward_spec
 from grao.trainer.lora import DEFAULT_TARGET_MODULES
+from grao.rewards import check_reward_spec
 from grao_kernels._checks import warn_unusual_weights
 
 LOSS_IMPLS = ("auto", "fused", "eager")

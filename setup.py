@@ -26,6 +26,8 @@ setup(
         "trl": ["trl>=1.0,<1.17"],
         "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib", "accelerate>=1.1"],
         "flash": ["flash-attn"],
+        # LoRA adapters in grao train (--lora-r); imported only when LoRA is asked for. Tested with 0.21.
+        "lora": ["peft>=0.13"],
     },
     entry_points={"console_scripts": ["grao = grao.cli:main"]},
 )

@@ -72,7 +72,7 @@ def test_run_sets_up_a_fresh_clone_then_runs(tmp_path, gpu, torch_spec):
         "+ python3 -m venv .venv",
         "+ .venv/bin/python -m pip install -q --upgrade pip",
         f"+ .venv/bin/python -m pip install -q {torch_spec}",
-        "+ .venv/bin/python -m pip install -q -e .[dev,bench,trl,peers]",
+        "+ .venv/bin/python -m pip install -q -e .[dev,bench,trl,peers,lora]",
         "+ .venv/bin/grao demo --steps 2",
     ]
 
@@ -107,17 +107,17 @@ EXTRA = {"demo": [*CHEAP, "--save-every", "0", "--no-plot"], "train": [*CHEAP, "
 def readme_grao_commands() -> list[str]:
     found = []
     for line in code_lines(README):
-        if re.match(r"grao (demo|train|eval|compare)\b", line) and line not in found:
+        if re.match(r"grao (demo|train|eval|compare|merge-lora)\b", line) and line not in found:
             found.append(line)
     return found
 
 
 def test_every_readme_grao_command_runs(tmp_path, monkeypatch, capsys):
     """Each ``grao`` command of the README, verbatim, with flags appended that make it cheap (fewer steps,
-    prompts, samples). The eval command names the demo's last checkpoint (step 200): the cheap demo stops at
-    step 2, so that checkpoint is copied there."""
+    prompts, samples). The eval and merge-lora commands name a run's last checkpoint (the demo's step 200, the
+    LoRA run's step 100): the cheap runs stop at step 2, so that checkpoint is copied there."""
     commands = readme_grao_commands()
-    assert {c.split()[1] for c in commands} == {"demo", "train", "eval", "compare"}, commands
+    assert {c.split()[1] for c in commands} == {"demo", "train", "eval", "compare", "merge-lora"}, commands
     shutil.copytree(REPO / "docs" / "cli", tmp_path / "docs" / "cli")
     monkeypatch.chdir(tmp_path)
     for command in commands:
@@ -125,11 +125,11 @@ def test_every_readme_grao_command_runs(tmp_path, monkeypatch, capsys):
         if "--help" in argv:
             assert main(argv) == 0, command
             continue
-        if argv[0] == "eval":
-            ckpt = Path(argv[argv.index("--model") + 1])
+        if argv[0] in ("eval", "merge-lora"):  # a checkpoint of an earlier command's (cheap, shorter) run
+            ckpt = Path(argv[argv.index("--model") + 1] if argv[0] == "eval" else argv[1])
             if not ckpt.exists():
                 shutil.copytree(max(ckpt.parent.glob("step-*")), ckpt)
-        code = main([*argv, *EXTRA[argv[0]]])
+        code = main([*argv, *EXTRA.get(argv[0], [])])
         assert code == 0, f"{command}: {capsys.readouterr().err[-2000:]}"
 
 

@@ -319,3 +319,51 @@ def test_readme_example(tmp_path, monkeypatch):
     trainer = scope["trainer"]
     assert trainer.state.global_step == 2
     assert all(f"grao/{k}" in trainer.state.log_history[-2] for k in COMPONENTS)
+
+
+def test_peft_config_trains_lora_adapters_with_the_fused_loss(tmp_path):
+    """GRAOTrainer(peft_config=LoraConfig): TRL wraps the model; only the adapters move (the lm_head the fused
+    loss reads stays as it was), and the loss and adapter gradients on a batch equal grao's eager reference on
+    the LoRA'd backbone's hidden states."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (extra: pip install -e '.[lora]')")
+    from grao.trainer import lm_parts
+
+    torch.manual_seed(0)
+    model, tok = tiny_model_and_tokenizer()
+    train, _ = demo.make_task("reverse", num_train=12, num_eval=1, min_len=3, max_len=4)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"], task_type="CAUSAL_LM")
+    trainer = GRAOTrainer(model=model, reward_funcs=overlap_reward, args=make_config(tmp_path, learning_rate=5e-2),
+                          train_dataset=datasets.Dataset.from_list(train), processing_class=tok, peft_config=lcfg)
+    pm = trainer.model
+    assert isinstance(pm, peft.PeftModel)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+    backbone, head = lm_parts(pm)
+    assert not head.weight.requires_grad
+
+    pm.train()
+    batch = trainer._generate_and_score_completions([train[2]] * G + [train[3]] * G)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    pm.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(pm, batch)
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+    prompt_ids, completion_ids = batch["prompt_ids"].flatten(0, 1), batch["completion_ids"].flatten(0, 1)
+    prompt_mask, completion_mask = batch["prompt_mask"].flatten(0, 1), batch["completion_mask"].flatten(0, 1)
+    ids, attn = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    pm.zero_grad(set_to_none=True)
+    hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state[:, prompt_ids.shape[1] - 1:-1]
+    labels = completion_ids.masked_fill(completion_mask == 0, -100)
+    cfg = trainer.args
+    kw = dict(beta=cfg.beta_imitation, lam=cfg.lam, eps=cfg.advantage_eps, temperature=trainer.temperature)
+    ref, _ = linear_grao_loss(hidden, head.weight, labels, batch["grao_rewards"], **kw)
+    assert abs(ref.item()) > 1e-4
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    ref.backward()
+    assert any(g.abs().max() > 0 for g in grads)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)

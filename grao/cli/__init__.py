@@ -1,9 +1,10 @@
-"""``grao`` command line: train, demo, eval, compare.
+"""``grao`` command line: train, demo, eval, merge-lora, compare.
 
     grao demo                                    # built-in tiny LM + synthetic task, about half a minute on a CPU
     grao train --config run.yaml [--lr 1e-5 ...] # every TrainConfig field is also a flag
     grao eval --model runs/x/checkpoints/step-00000100 --base <base model> --data eval.jsonl
     grao compare --methods sft,dpo,grpo,grao --seeds 0,1,2 --output-dir results/compare
+    grao merge-lora runs/x/checkpoints/step-00000100 runs/x/merged   # a LoRA checkpoint -> a plain model folder
 
 A user error (a bad value, a missing file, an output folder holding another run, ...) ends the command with
 one ``grao: error: ...`` line and exit status 2; ``--debug`` shows the Python traceback instead. Warnings
@@ -24,9 +25,11 @@ from grao.cli.commands import (
     DEMO_DEFAULTS,
     DEMO_TIME,
     EVAL_FIELDS,
+    MERGE_DTYPES,
     cmd_compare,
     cmd_demo,
     cmd_eval,
+    cmd_merge_lora,
     cmd_train,
     ras_nag,
 )
@@ -104,6 +107,21 @@ def build_parser() -> Parser:
         "data": "records to evaluate, in the format of grao train's --data (needed unless --base is demo; "
                 "default: the synthetic --task's held-out prompts)"})
     p.set_defaults(func=cmd_eval)
+
+    p = _command(sub, "merge-lora", "merge a LoRA checkpoint's adapter into its base model: a plain model folder",
+                 "Load the base model a LoRA run trained on (the run's --model, read from the checkpoint's\n"
+                 "trainer_state.pt; or --base), apply the checkpoint's adapter, merge it into the weights (in fp32) and\n"
+                 "save a plain Hugging Face model folder with the tokenizer: loadable with\n"
+                 "AutoModelForCausalLM.from_pretrained, usable as --model without peft.", argparse.SUPPRESS)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", type=model_source,
+                   help="a checkpoint of a LoRA run (e.g. runs/x/checkpoints/step-00000100)")
+    p.add_argument("out", metavar="OUT", help="the folder to write the merged model to")
+    p.add_argument("--base", metavar="PATH", type=model_source, default=None,
+                   help="the base model, where the run's --model is no longer where it was (default: the run's)")
+    p.add_argument("--dtype", choices=MERGE_DTYPES, default="auto",
+                   help="dtype of the saved weights (default auto: the dtype the run held its weights in)")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it holds files")
+    p.set_defaults(func=cmd_merge_lora)
 
     p = _command(sub, "compare", "SFT, DPO, GRPO and GRAO on the built-in task over several seeds",
                  "Train each method of --methods for each seed of --seeds on the demo task with the same budget,\n"

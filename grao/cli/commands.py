@@ -230,6 +230,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- merge-lora
+
+MERGE_DTYPES = ("auto", "bf16", "fp32")
+
+
+def cmd_merge_lora(args) -> int:
+    """Merge the LoRA adapter of a checkpoint into its base model and save a plain model folder."""
+    import torch
+
+    from grao.trainer import lora
+    from grao.trainer.config import TrainConfig
+    from grao.trainer.model import load_adapter_base
+    ckpt, out = Path(args.checkpoint), Path(args.out)
+    if not lora.is_adapter_dir(ckpt):
+        raise ConfigError(f"checkpoint {ckpt} is not a LoRA checkpoint (no {lora.ADAPTER_CONFIG} in it); a "
+                          f"checkpoint of a full fine-tuning run is already a plain model folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ConfigError(f"out {out} already exists and is not empty; use --overwrite to replace its files, or "
+                          f"another folder")
+    base_values = {"model": args.base} if args.base else {}
+    cfg = TrainConfig(**base_values)
+    # the base as the run held it (e.g. bf16: the adapter was trained on those rounded weights), merged in fp32
+    # (the adapters are fp32 master weights), then saved in --dtype
+    quiet_progress(False)
+    base, tok, run = load_adapter_base(cfg, ckpt, name="checkpoint")
+    if args.base:
+        run["model"] = args.base
+    model = lora.load_lora(base.float(), ckpt, trainable=False).merge_and_unload()
+    want = args.dtype if args.dtype != "auto" else str(run.get("weight_dtype") or "fp32")
+    model = model.to(lora.DTYPES.get(want, torch.float32))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"merged the LoRA adapter of {ckpt} into its base model ({run.get('model')}): {out} "
+          f"({want}; load it with AutoModelForCausalLM.from_pretrained, or as --model)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- compare
 
 

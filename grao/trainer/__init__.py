@@ -4,7 +4,8 @@ Start at :class:`Trainer` (``trainer.py``): :meth:`Trainer.train_step` is one st
 Each module owns one job:
 
 * ``config.py``      TrainConfig: every option, its default, its help text and its validation
-* ``model.py``       loading the policy and tokenizer; backbone / lm_head split; autocast
+* ``model.py``       loading the policy and tokenizer (LoRA checkpoints too); backbone / lm_head split; autocast
+* ``lora.py``        LoRA adapters through peft (imported only for --lora-r), the weights' dtype (--model-dtype)
 * ``rollout.py``     sampling G completions per prompt and scoring them (Rollout, RolloutEngine)
 * ``forward.py``     the policy's forward for the losses (through DDP / FSDP2) and the fused / eager loss choice
 * ``methods.py``     one object per method (GRAO, GRPO, SFT, DPO): its rows, update, normaliser, checks

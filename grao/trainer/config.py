@@ -12,12 +12,14 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from grao.baselines import GRPO_LOSS_TYPES
 from grao.demo import TASKS
 from grao.trainer.methods import METHODS, get_method
+from grao.trainer.lora import DEFAULT_TARGET_MODULES
 from grao.rewards import check_reward_spec
 from grao_kernels.checks import warn_unusual_weights
 
@@ -28,6 +30,8 @@ SAMPLE_SEEDINGS = ("auto", "batch", "prompt")
 PARALLELS = ("ddp", "fsdp")
 DPO_REJECTED = ("sample", "column")
 AUTO_BOOL = ("auto", "true", "false")
+MODEL_DTYPES = ("auto", "bf16", "fp32")
+LORA_FIELDS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 # ------------------------------------------------------------------------------------ what a field accepts
@@ -257,6 +261,18 @@ class TrainConfig:
                                    "drop_group (leave that prompt out of the step, counted)", REWARD_ERROR_MODES)
     trust_remote_code: bool = _bool(False, "run a model repository's own Python code (off unless given)")
     method: str = _choice("grao", "what to train with: GRAO, or a baseline on the same samples", METHODS)
+    # weights and adapters
+    model_dtype: str = _choice("auto", "dtype of the weights as loaded: fp32, bf16 (LoRA only: the frozen weights "
+                               "in bf16, the adapters fp32 master weights), or auto: fp32 for full fine-tuning, bf16 "
+                               "for LoRA on a GPU with bf16, else fp32", MODEL_DTYPES)
+    lora_r: int = _int(0, "LoRA rank (peft): 0 trains every weight; N > 0 freezes them all, the lm_head included, and "
+                       "trains rank-N adapters on --lora-target-modules", 0)
+    lora_alpha: float = _num(0.0, "LoRA alpha (adapter scale alpha / r); 0: 2 x --lora-r", 0)
+    lora_dropout: float = _num(0.0, "dropout on the adapters' input (0: none, as on-policy RL wants the sampled and "
+                               "the trained policy equal)", 0, 1, open_high=True)
+    lora_target_modules: str = _field(DEFAULT_TARGET_MODULES, "comma-separated names of the linear layers that get "
+                                      "adapters, or all-linear; the default names every attention and MLP "
+                                      "projection of Llama, Qwen2/3 and Mistral", "text")
     # sampling
     group_size: int = _int(8, "G: completions sampled per prompt (grpo: >= 2)", 1)
     prompts_per_step: int = _int(8, "P: prompts per step, over all processes", 1)
@@ -309,7 +325,8 @@ class TrainConfig:
                                  "padding-free (Llama, Mistral, Qwen2/3 families); --no-prefix-sharing pads every row")
     max_consecutive_skips: int = _int(10, "stop after this many steps in a row without an update (0: never)", 0)
     gradient_checkpointing: bool = _bool(False, "recompute activations in the backward: less memory, slower")
-    bf16: str = _field("auto", "bf16 autocast on CUDA: auto (when the GPU supports it), true or false", "auto_bool")
+    bf16: str = _field("auto", "bf16 autocast on CUDA: auto (when the GPU supports it), true or false; bf16 weights "
+                       "(LoRA, --model-dtype bf16) compute under it on the CPU too, unless false", "auto_bool")
     attn_implementation: str = _field("sdpa", "attention kernel for transformers: sdpa, eager, flash_attention_2 "
                                       "(needs flash-attn), ...", "text")
     disable_dropout: bool = _bool(True, "set every dropout probability to 0")
@@ -348,6 +365,7 @@ class TrainConfig:
             raise ConfigError(str(exc)) from None
         if self.task_max_len < self.task_min_len:
             raise ConfigError(f"task_max_len must be >= task_min_len ({self.task_min_len}), got {self.task_max_len}")
+        self._check_lora()
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run in output_dir, "
                               "overwrite replaces it")
@@ -355,9 +373,29 @@ class TrainConfig:
         return self
 
 
+    def _check_lora(self) -> None:
+        """LoRA options only with LoRA on; target module names; bf16 weights only for LoRA (see grao.trainer.lora)."""
+        if not self.lora_r:
+            given = [n for n in LORA_FIELDS if getattr(self, n) != TrainConfig.__dataclass_fields__[n].default]
+            if given:
+                flags = ", ".join("--" + n.replace("_", "-") for n in given)
+                raise ConfigError(f"lora_r is 0 (LoRA off), but {flags} {'is' if len(given) == 1 else 'are'} given: "
+                                  f"add --lora-r N (e.g. 16) to train LoRA adapters, or leave {flags} out")
+            if self.model_dtype == "bf16":
+                raise ConfigError("model_dtype bf16 is for LoRA (--lora-r N): full fine-tuning keeps fp32 master "
+                                  "weights (bf16 weights would lose AdamW updates below bf16's resolution); use "
+                                  "--model-dtype fp32 or auto, which trains with bf16 autocast on a GPU with bf16, "
+                                  "or add --lora-r N")
+        names = [x.strip() for x in self.lora_target_modules.split(",")]
+        bad = [x for x in names if not re.fullmatch(r"[A-Za-z0-9_.\-]+", x)]
+        if bad or ("all-linear" in names and len(names) > 1):
+            raise ConfigError(f"lora_target_modules must be comma-separated module names (q_proj,v_proj) or "
+                              f"all-linear, got {self.lora_target_modules!r}")
+
+
 #: The first field of each group of ``grao train --help`` and the group's title; a group runs to the next.
-SECTION_STARTS = {"model": "model and data", "group_size": "sampling", "beta": "loss", "steps": "optimisation",
-                  "output_dir": "output"}
+SECTION_STARTS = {"model": "model and data", "model_dtype": "weights and LoRA adapters", "group_size": "sampling",
+                  "beta": "loss", "steps": "optimisation", "output_dir": "output"}
 
 
 def _sections() -> dict[str, dict[str, Option]]:

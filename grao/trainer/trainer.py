@@ -40,6 +40,7 @@ from grao.data import PromptSampler, load_records, warn_about_records
 from grao.rewards import resolve_reward
 from grao.trainer import checkpoint as ckpt
 from grao.trainer import distributed as dist
+from grao.trainer import lora
 from grao.trainer.config import ConfigError, TrainConfig, check_resume
 from grao.trainer.forward import LossBackend, PolicyForward, resolve_loss_impl
 from grao.trainer.methods import Method, get_method
@@ -52,9 +53,9 @@ from grao.trainer.metrics import (
 )
 from grao.trainer.model import (
     autocast_dtype,
-    disable_dropout,
     lm_parts,
     load_model_and_tokenizer,
+    prepare_policy,
 )
 from grao.trainer.rollout import Rollout, RolloutEngine
 
@@ -99,7 +100,9 @@ class Trainer:
         self.resume_from = self._claim_output_dir()
         self._init_model(model, tokenizer)
         self.loss_impl = resolve_loss_impl(cfg.loss_impl)
-        self.autocast_dtype = autocast_dtype(cfg, self.device)
+        self.autocast_dtype = autocast_dtype(cfg, self.device, self.weight_dtype)
+        if self.autocast_dtype is not None and lora.lora_enabled(cfg):
+            lora.adapters_follow_autocast(self.model)
         self.reward_fn = reward if reward is not None else resolve_reward(
             cfg.reward, trust_remote_code=bool(cfg.trust_remote_code))
         if train_records is None:
@@ -165,6 +168,10 @@ class Trainer:
                                else cfg.sample_seeding)
         # FSDP2 sharding with several processes (one process: nothing to shard, the plain path)
         self.fsdp = self.world_size > 1 and dist.launch_parallel(cfg.parallel) == "fsdp"
+        if self.fsdp and lora.lora_enabled(cfg):
+            raise NotImplementedError("LoRA (lora_r > 0) is not supported with FSDP (parallel='fsdp'): FSDP2 "
+                                      "all-gathers each unit's parameters in one dtype, and the adapters (fp32) sit "
+                                      "beside frozen bf16 weights; LoRA trains with DDP (parallel='ddp')")
         if self.fsdp and cfg.resume:
             raise NotImplementedError("resume=True is not supported with FSDP (parallel='fsdp'): the checkpoints "
                                       "hold full model weights (an ordinary HF checkpoint, usable as --model) but "
@@ -215,24 +222,8 @@ class Trainer:
 
     def _init_model(self, model, tokenizer) -> None:
         """The policy on its device (from a checkpoint when resuming), with the run's model options."""
-        cfg = self.config
-        if model is None:
-            model, tok = load_model_and_tokenizer(cfg, source=str(self.resume_from) if self.resume_from else None)
-            tokenizer = tokenizer or tok
-        elif self.resume_from is not None:
-            from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(self.resume_from,
-                                                         trust_remote_code=bool(cfg.trust_remote_code))
-        if tokenizer is None:
-            raise ValueError("a tokenizer is required when a model object is passed")
-        self.model, self.tokenizer = model.to(self.device), tokenizer
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if cfg.disable_dropout:
-            disable_dropout(self.model)
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-            self.model.config.use_cache = False
+        self.model, self.tokenizer, self.weight_dtype = prepare_policy(self.config, self.device, model, tokenizer,
+                                                                       self.resume_from)
         self.backbone, self.head = lm_parts(self.model)
         # Several processes: every rank starts from rank 0's weights. DDP copies them when it wraps the
         # model (the policy's loss forwards then go through self.ddp); FSDP2 shards the model later,
@@ -259,7 +250,7 @@ class Trainer:
         if self.resume_from is None:
             ref = copy.deepcopy(self.model)  # after DDP's broadcast (wrap_ddp): rank 0's initial weights
         else:
-            ref, _ = load_model_and_tokenizer(self.config)
+            ref, _ = load_model_and_tokenizer(self.config, dtype=self.weight_dtype)
         ref.to(self.device).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -423,7 +414,8 @@ class Trainer:
         optim = {} if self.fsdp else self.optimizer.state_dict()
         return {"step": self.step, "optimizer": optim, "parallel": "fsdp" if self.fsdp else "ddp",
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng,
-                "config": ckpt.plain(dataclasses.asdict(self.config)), "counters": dict(self.counters), "format": 1}
+                "config": ckpt.plain(dataclasses.asdict(self.config)), "counters": dict(self.counters), "format": 1,
+                "weight_dtype": lora.DTYPE_NAMES.get(self.weight_dtype, str(self.weight_dtype))}
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-XXXXXXXX, written atomically by rank 0 (``checkpoint.write_checkpoint``); under

@@ -124,3 +124,110 @@ def grpo_loss(token_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Te
     is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     stats["clip_ratio"] = ((is_clipped.to(m.dtype) * m).sum() / m.sum().clamp(min=1)).detach()
     return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------------ PPO
+# PPO as RLHF practice runs it for language models (docs/spec.md, "PPO"): the ideas of TRL's PPO trainer
+# (per-token KL penalty against the initial policy folded into the rewards, the score at the last token,
+# GAE, whitened advantages, clipped surrogate and clipped value loss averaged over tokens) and OpenRLHF's
+# (the same per-token reward shaping); written here from the equations, not from their code.
+
+
+def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Per row the column of its last masked token ([B] long); a row without one gives -1."""
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, cols, torch.full_like(cols, -1)).max(-1).values
+
+
+def ppo_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *,
+                kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO rewards [B, T]: r_t = -kl_coef * (logp_t - ref_logp_t), plus the sequence's score
+    (R(o, y), [B]) at its last completion token; 0 outside ``mask``. Returns (rewards, per-token kl), both
+    detached: logp is the rollout's (old) policy, ref_logp the frozen initial policy's."""
+    _check_pair("logp", logp, "mask", mask)
+    _check_pair("logp", logp, "ref_logp", ref_logp)
+    kl_coef = check_scalar("kl_coef", kl_coef, nonnegative=True)
+    if scores.dim() != 1 or scores.shape[0] != logp.shape[0]:
+        raise GRAOInputError(f"scores must be [B] = [{logp.shape[0]}], got {list(scores.shape)}")
+    m = mask.to(logp.dtype)
+    kl = ((logp - ref_logp) * m).detach()
+    rewards = -kl_coef * kl
+    last = _last_token_index(mask)
+    rows = torch.nonzero(last >= 0).flatten()
+    rewards[rows, last[rows]] += scores.detach().to(rewards.dtype)[rows]
+    return rewards, kl
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's completion tokens (masked, contiguous).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V after the last token is 0), A_t = delta_t + gamma * lam *
+    A_{t+1}; returns (advantages, returns = A + V), both [B, T], 0 outside ``mask``, not whitened."""
+    _check_pair("rewards", rewards, "mask", mask)
+    _check_pair("rewards", rewards, "values", values)
+    gamma = check_scalar("gamma", gamma, nonnegative=True)
+    lam = check_scalar("lam", lam, nonnegative=True)
+    m = mask.to(rewards.dtype)
+    r, v = rewards.detach() * m, values.detach() * m
+    adv = torch.zeros_like(r)
+    next_adv = torch.zeros_like(r[:, 0])
+    next_value = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m[:, t]
+        # a masked position (padding after the end, or before a padded row's start) passes nothing on
+        next_adv = adv[:, t]
+        next_value = v[:, t]
+    return adv, (adv + v) * m
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries (var Bessel-corrected); 0 outside ``mask``."""
+    _check_pair("x", x, "mask", mask)
+    m = mask.to(x.dtype)
+    n = m.sum()
+    if int(n) == 0:
+        return torch.zeros_like(x)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def ppo_loss(token_logp: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, old_token_logp: torch.Tensor,
+             old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, clip: float = 0.2,
+             value_clip: float = 0.2, value_coef: float = 0.1, num_tokens: float | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO loss on [B, T] per-token tensors (the old ones and the advantages / returns are constants).
+
+    ratio = exp(logp - old_logp); policy term max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip));
+    value term 0.5 * max((V - R)^2, (old_V + clip(V - old_V, -value_clip, value_clip) - R)^2);
+    loss = sum over masked tokens of (policy + value_coef * value) / ``num_tokens`` (default: the masked
+    count; a micro-batch passes its minibatch's count so the chunks add up to the minibatch's token mean).
+    """
+    _check_pair("token_logp", token_logp, "mask", mask)
+    for name, t in (("values", values), ("old_token_logp", old_token_logp), ("old_values", old_values),
+                    ("advantages", advantages), ("returns", returns)):
+        _check_pair("token_logp", token_logp, name, t)
+    clip = check_scalar("clip", clip, nonnegative=True)
+    value_clip = check_scalar("value_clip", value_clip, nonnegative=True)
+    value_coef = check_scalar("value_coef", value_coef, nonnegative=True)
+    m = mask.to(token_logp.dtype)
+    n = m.sum().clamp(min=1) if num_tokens is None else float(num_tokens)
+    adv, ret = advantages.detach(), returns.detach()
+    old_logp, old_v = old_token_logp.detach(), old_values.detach()
+    log_ratio = (token_logp - old_logp) * m
+    ratio = torch.exp(log_ratio)
+    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    v_clipped = old_v + torch.clamp(values - old_v, -value_clip, value_clip)
+    vf = 0.5 * torch.max((values - ret) ** 2, (v_clipped - ret) ** 2)
+    pg_sum, vf_sum = (pg * m).sum(), (vf * m).sum()
+    loss = (pg_sum + value_coef * vf_sum) / n
+    with torch.no_grad():
+        count = m.sum().clamp(min=1)
+        stats = {"policy_loss": pg_sum / n, "value_loss": vf_sum / n,
+                 "clipfrac": (((ratio - 1).abs() > clip).to(m.dtype) * m).sum() / count,
+                 "approx_kl": ((0.5 * log_ratio ** 2) * m).sum() / count,
+                 "value_clipfrac": (((values - old_v).abs() > value_clip).to(m.dtype) * m).sum() / count}
+    return loss, stats

@@ -26,11 +26,11 @@ GRAO_DIR = Path(__file__).resolve().parent.parent / "grao"
 
 
 def test_the_registry_is_the_methods():
-    assert METHODS == tuple(REGISTRY) == ("grao", "grpo", "sft", "dpo")
+    assert METHODS == tuple(REGISTRY) == ("grao", "grpo", "sft", "dpo", "ppo")
     for name, method in REGISTRY.items():
         assert isinstance(method, Method) and method.name == name and get_method(name) is method
-    with pytest.raises(ValueError, match="one of grao, grpo, sft, dpo, got 'ppo'"):
-        get_method("ppo")
+    with pytest.raises(ValueError, match="one of grao, grpo, sft, dpo, ppo, got 'trpo'"):
+        get_method("trpo")
     with pytest.raises(ValueError, match="a name of its own"):
         register(type(REGISTRY["grao"])())  # a second "grao"
 
@@ -76,6 +76,12 @@ def test_method_checks_are_the_methods():
         REGISTRY["dpo"].check_records(TrainConfig(method="dpo", dpo_rejected="column"), [{"prompt": "a"}])
     assert REGISTRY["grpo"].needs_reference_model(TrainConfig(grpo_kl_beta=0.1))
     assert not REGISTRY["grpo"].needs_reference_model(TrainConfig())
+    assert REGISTRY["ppo"].needs_reference_model(TrainConfig(method="ppo"))  # its KL penalty, on by default
+    assert not REGISTRY["ppo"].needs_reference_model(TrainConfig(method="ppo", ppo_kl_coef=0.0))
+    with pytest.raises(ValueError, match=r"ppo_minibatches \(3\) must be <= prompts_per_step \(2\)"):
+        REGISTRY["ppo"].validate(TrainConfig(method="ppo", ppo_minibatches=3, prompts_per_step=2))
+    assert [m.name for m in REGISTRY.values() if m.make_modules(TrainConfig(), tiny_trainer().model)] == ["ppo"]
+    assert [m.name for m in REGISTRY.values() if not m.data_parallel] == ["ppo"]
 
 
 def test_no_code_branches_on_the_method_name():

@@ -253,3 +253,18 @@ class PolicyForward:
         hidden, weight, bias, labels = self.hidden_states(rows, model)
         logp = self.backend.logprob(hidden, weight, labels, bias=bias, temperature=self.loss_temperature)
         return logp, labels != IGNORE_INDEX
+
+    def token_logp_values(self, rows, value_head, model=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-token log-probs [N, L] fp32, values [N, L] fp32, completion mask [N, L]) of rows: the log-probs
+        as :meth:`token_logp` (fused: ``linear_logprob``, no [tokens x vocab] logits), the values from
+        ``value_head`` (PPO's linear layer, fp32) on the same pass's final hidden states: values[t] is the
+        value of the state that samples completion token t."""
+        if self.prefix_sharing:
+            hidden, weight, bias, labels, packed = self.packed_hidden_states(rows, model)
+            logp = self.backend.logprob(hidden, weight, labels, bias=bias, temperature=self.loss_temperature)
+            values = value_head(hidden.float()).squeeze(-1)
+            logp, mask = unpack_token_values(logp, packed)
+            return logp, unpack_token_values(values, packed)[0], mask
+        hidden, weight, bias, labels = self.hidden_states(rows, model)
+        logp = self.backend.logprob(hidden, weight, labels, bias=bias, temperature=self.loss_temperature)
+        return logp, value_head(hidden.float()).squeeze(-1), labels != IGNORE_INDEX

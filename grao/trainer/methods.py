@@ -1,4 +1,4 @@
-"""The training methods (GRAO, GRPO, SFT, DPO) as objects: everything the trainer asks of a method.
+"""The training methods (GRAO, GRPO, SFT, DPO, PPO) as objects: everything the trainer asks of a method.
 
 A :class:`Method` says which rows of a rollout it trains on (:meth:`Method.batch`: rows, rows per group, whether
 a group may be split), runs its loss's forward/backward over the planner's micro-batches (:meth:`Method.update`,
@@ -9,14 +9,20 @@ on, and what it asks of the config and the data. :data:`REGISTRY` maps ``TrainCo
 object and never compare the method's name.
 
 Adding a method is one more subclass and one :func:`register` call. What it needs beyond these hooks goes
-into the base class with a default that keeps the four methods as they are: PPO (issue 25) would add a value
-head's parameters to the optimizer and checkpoint, its own advantages (GAE) inside its ``update``, and several
-optimizer steps per rollout.
+into the base class with a default that keeps the other methods as they are. PPO added three:
+:meth:`Method.make_modules` (trainable modules beside the policy, here its value head: the trainer puts their
+parameters into the optimizer, the gradient clipping and the checkpoint), :meth:`Method.rollout_phases` (the
+rollouts each optimizer step of a step trains on: PPO's epochs x minibatches, after computing its rollout's
+constants once), and :attr:`Method.data_parallel`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from grao.trainer import update
 from grao.trainer.plan import Batch, Plan, plan_micro_batches
@@ -35,6 +41,8 @@ class Method:
     #: A split group forwards its prompt once for its ranges (``plan.PromptSharing``): the method's update
     #: passes the planner's shared prompt keys and values to its log-prob passes.
     shares_prompt_kv: bool = False
+    #: The method trains under DDP / FSDP (several processes); False: the trainer refuses it there.
+    data_parallel: bool = True
 
     # ------------------------------------------------------------------------------------------ the config
     def validate(self, cfg: TrainConfig) -> None:
@@ -66,6 +74,16 @@ class Method:
         return float(len(ro.prompt_ids))
 
     # ------------------------------------------------------------------------------------------- the update
+    def make_modules(self, cfg: TrainConfig, model) -> dict[str, torch.nn.Module]:
+        """Trainable modules beside the policy (name -> module, on the policy's device): the trainer optimises,
+        clips, checkpoints and resumes their parameters and passes them to :meth:`update` as ``modules``."""
+        return {}
+
+    def rollout_phases(self, cfg: TrainConfig, forward: PolicyForward, ro: Rollout, *, ref_model=None,
+                       modules: dict | None = None, step: int = 0) -> list[Rollout]:
+        """The rollouts the step's optimizer steps train on, one each (by default one step on ``ro``)."""
+        return [ro]
+
     def micro_batches(self, cfg: TrainConfig, ro: Rollout, tokenizer=None, *,
                       prompt_kv: bool = False) -> tuple[Batch, Plan]:
         """The step's batch and its micro-batch plan (``prompt_kv``: ``PolicyForward.can_share_prompt_kv``)."""
@@ -81,7 +99,7 @@ class Method:
         return len(self.micro_batches(cfg, ro, tokenizer, prompt_kv=prompt_kv)[1])
 
     def update(self, cfg: TrainConfig, forward: PolicyForward, ro: Rollout, *, grad_scale: float = 1.0,
-               ref_model=None, tokenizer=None) -> dict[str, float]:
+               ref_model=None, tokenizer=None, modules=None) -> dict[str, float]:
         """Forward/backward of one step's loss on ``ro`` in micro-batches, scaled by ``grad_scale`` (gradients
         accumulate in ``.grad``); returns the logged statistics, ``loss`` first."""
         raise NotImplementedError
@@ -99,7 +117,7 @@ class GRAO(Method):
     def batch(self, cfg, ro, tokenizer=None):
         return Batch(update.grao_rows(ro), self.rows_per_group(cfg), True)
 
-    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None):
+    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None, modules=None):
         b, plan = self.micro_batches(cfg, ro, tokenizer, prompt_kv=forward.can_share_prompt_kv)
         return update.grao_update(cfg, forward, ro, b.rows, plan, grad_scale)
 
@@ -129,7 +147,7 @@ class GRPO(Method):
             return float(sum(len(s) for group in ro.sample_ids for s in group))
         return super().loss_normaliser(cfg, ro)
 
-    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None):
+    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None, modules=None):
         b, plan = self.micro_batches(cfg, ro, tokenizer, prompt_kv=forward.can_share_prompt_kv)
         return update.grpo_update(cfg, forward, ro, b.rows, plan, grad_scale, ref_model)
 
@@ -148,7 +166,7 @@ class SFT(Method):
     def loss_normaliser(self, cfg, ro):
         return float(sum(len(r) for r in ro.reference_ids))  # a token mean: reference tokens
 
-    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None):
+    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None, modules=None):
         b, plan = self.micro_batches(cfg, ro, tokenizer)
         return update.sft_update(cfg, forward, ro, b.rows, plan, grad_scale)
 
@@ -172,9 +190,75 @@ class DPO(Method):
     def batch(self, cfg, ro, tokenizer=None):
         return Batch(update.dpo_rows(cfg, ro, tokenizer), 2, False)
 
-    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None):
+    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None, modules=None):
         b, plan = self.micro_batches(cfg, ro, tokenizer)
         return update.dpo_update(cfg, forward, ro, b.rows, plan, grad_scale, ref_model)
+
+
+class PPO(Method):
+    """PPO as RLHF practice runs it for LMs (docs/spec.md, PPO): the G samples scored at their last token, a
+    per-token KL penalty against the initial policy in the rewards, a value head on the policy's final hidden
+    states, GAE, ``ppo_epochs`` x ``ppo_minibatches`` optimizer steps per rollout. One process only."""
+
+    name = "ppo"
+    data_parallel = False  # the value head is not wrapped in DDP / FSDP
+
+    def validate(self, cfg):
+        if cfg.ppo_minibatches > cfg.prompts_per_step:
+            raise ValueError(f"ppo_minibatches ({cfg.ppo_minibatches}) must be <= prompts_per_step "
+                             f"({cfg.prompts_per_step}): a minibatch is a set of prompts")
+
+    def needs_reference_model(self, cfg):
+        return cfg.ppo_kl_coef > 0  # the KL penalty's initial policy
+
+    def rows_per_group(self, cfg):
+        return cfg.group_size
+
+    def batch(self, cfg, ro, tokenizer=None):
+        return Batch(update.grpo_rows(ro), self.rows_per_group(cfg), True)
+
+    def loss_normaliser(self, cfg, ro):
+        return float(sum(len(s) for group in ro.sample_ids for s in group))  # a token mean
+
+    def make_modules(self, cfg, model):
+        # A value head on the shared backbone (TRL's older PPOTrainer; OpenRLHF trains a separate critic model):
+        # one linear layer D -> 1 in fp32, zero-initialised (V = 0 before training); on one GPU a second model
+        # and its optimizer state would double the memory this package exists to save.
+        from grao.trainer.model import lm_parts
+        head = lm_parts(model)[1]
+        value_head = torch.nn.Linear(head.weight.shape[1], 1, device=head.weight.device, dtype=torch.float32)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+        return {"value_head": value_head}
+
+    def rollout_phases(self, cfg, forward, ro, *, ref_model=None, modules=None, step=0):
+        if not ro.prompt_ids:
+            return [ro]
+        b, plan = self.micro_batches(cfg, ro)
+        extras = update.ppo_prepare(cfg, forward, ro, b.rows, plan, ref_model, modules["value_head"])
+        G, P = cfg.group_size, len(ro.prompt_ids)
+        gen = torch.Generator().manual_seed(hash((int(cfg.seed), int(step))) & 0x7FFFFFFF)  # resumable order
+        phases = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(P, generator=gen).tolist()
+            for idx in (order[i::cfg.ppo_minibatches] for i in range(cfg.ppo_minibatches)):
+                idx = sorted(idx)
+                pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+                rows_of = [p * G + g for p in idx for g in range(G)]
+                ex = {k: [extras[k][r] for r in rows_of] for k in update.PPO_ROW_KEYS}
+                ex["stats"] = extras["stats"]
+                phases.append(dataclasses.replace(
+                    ro, records=pick(ro.records), prompt_texts=pick(ro.prompt_texts), prompt_ids=pick(ro.prompt_ids),
+                    sample_ids=pick(ro.sample_ids), sample_texts=pick(ro.sample_texts),
+                    reference_ids=pick(ro.reference_ids), rewards=ro.rewards[idx], keep=None, extras=ex))
+        return phases
+
+    def update(self, cfg, forward, ro, *, grad_scale=1.0, ref_model=None, tokenizer=None, modules=None):
+        b, plan = self.micro_batches(cfg, ro, tokenizer)
+        if "old_logp" not in ro.extras:  # a rollout not from rollout_phases: its constants now (ratio 1)
+            ro = dataclasses.replace(ro, extras=update.ppo_prepare(cfg, forward, ro, b.rows, plan, ref_model,
+                                                                   modules["value_head"]))
+        return update.ppo_update(cfg, forward, ro, b.rows, plan, grad_scale, modules["value_head"])
 
 
 #: ``TrainConfig.method`` -> its object, in the order ``--method`` lists them.
@@ -189,7 +273,7 @@ def register(method: Method) -> Method:
     return method
 
 
-for _m in (GRAO(), GRPO(), SFT(), DPO()):
+for _m in (GRAO(), GRPO(), SFT(), DPO(), PPO()):
     register(_m)
 
 #: The method names (``--method``'s choices).
@@ -205,9 +289,9 @@ def get_method(name: Any) -> Method:
 
 
 def accumulate_gradients(config: TrainConfig, forward: PolicyForward, ro: Rollout, *, grad_scale: float = 1.0,
-                         ref_model=None, tokenizer=None) -> dict[str, float]:
+                         ref_model=None, tokenizer=None, modules=None) -> dict[str, float]:
     """Forward/backward of one step's loss of ``config.method`` in micro-batches; returns the logged statistics
     (the loss and, for GRAO, its three components). ``ref_model``: the frozen model of DPO and GRPO's KL term;
     ``tokenizer``: DPO's ``rejected`` column."""
     return get_method(config.method).update(config, forward, ro, grad_scale=grad_scale, ref_model=ref_model,
-                                            tokenizer=tokenizer)
+                                            tokenizer=tokenizer, modules=modules)

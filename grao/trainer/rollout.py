@@ -52,6 +52,7 @@ class Rollout:
     keep: list[bool] | None = None  # [P] False: the group's rewards were invalid (on_reward_error="drop_group")
     reward_errors: list[str] = dataclasses.field(default_factory=list)
     prompts_truncated: int = 0  # prompts of this rollout cut to max_prompt_length (all of them, also in kept())
+    extras: dict = dataclasses.field(default_factory=dict)  # a method's per-rollout constants (PPO: old log-probs)
 
     def kept(self) -> Rollout:
         """The rollout restricted to the groups with valid rewards."""

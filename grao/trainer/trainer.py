@@ -134,7 +134,10 @@ class Trainer:
         self.rollouts.check_records(self.train_records, name="data", warn=self.is_main)
         if self.eval_records:
             self.rollouts.check_records(self.eval_records, name="eval_data", warn=self.is_main)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # trainable modules beside the policy (PPO's value head): optimised, clipped and checkpointed with it
+        self.modules: dict[str, torch.nn.Module] = self.method.make_modules(cfg, self.model)
+        self.extra_params = [p for m in self.modules.values() for p in m.parameters()]
+        params = [p for p in self.model.parameters() if p.requires_grad] + self.extra_params
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.scheduler = make_schedule(self.optimizer, cfg)
@@ -168,6 +171,9 @@ class Trainer:
                                else cfg.sample_seeding)
         # FSDP2 sharding with several processes (one process: nothing to shard, the plain path)
         self.fsdp = self.world_size > 1 and dist.launch_parallel(cfg.parallel) == "fsdp"
+        if self.world_size > 1 and not self.method.data_parallel:
+            raise NotImplementedError(f"method {cfg.method} trains in one process only (its value head is not "
+                                      f"data-parallel); run it without torchrun")
         if self.fsdp and lora.lora_enabled(cfg):
             raise NotImplementedError("LoRA (lora_r > 0) is not supported with FSDP (parallel='fsdp'): FSDP2 "
                                       "all-gathers each unit's parameters in one dtype, and the adapters (fp32) sit "
@@ -276,7 +282,7 @@ class Trainer:
     def accumulate_gradients(self, ro: Rollout, grad_scale: float = 1.0) -> dict[str, float]:
         """Forward/backward of the method's loss on ``ro`` in micro-batches (gradients accumulate in .grad)."""
         return self.method.update(self.config, self.forward, ro, grad_scale=grad_scale, ref_model=self.ref_model,
-                                  tokenizer=self.tokenizer)
+                                  tokenizer=self.tokenizer, modules=self.modules)
 
     def compute_gradients(self, kept: Rollout) -> tuple[dict[str, float], int]:
         """Phase 2: gradients of the step's loss over every rank's kept groups -> (global stats, kept prompts).
@@ -301,7 +307,7 @@ class Trainer:
         return reduce_step_stats(local, share, len(kept.prompt_ids) / n_kept, self.device), int(n_kept)
 
     def _grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in [*self.model.parameters(), *self.extra_params] if p.grad is not None]
         if self.fsdp:  # sharded (DTensor) gradients: squared norms of the local shards, summed over ranks
             sq = sum((float(dist.local_tensor(g).double().pow(2).sum()) for g in grads), 0.0)
             return torch.tensor(math.sqrt(dist.all_reduce_sum([sq], self.device)[0]), device=self.device)
@@ -309,16 +315,17 @@ class Trainer:
             return torch.zeros((), device=self.device)
         return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
-    def apply_update(self, loss: float) -> tuple[float, str | None]:
-        """Phase 3: clip and step (optimizer and LR schedule) -> (grad norm, None), or make no update and
-        discard the gradients when the loss or the gradient norm is not finite -> (norm, "skipped_nonfinite")."""
+    def apply_update(self, loss: float, schedule: bool = True) -> tuple[float, str | None]:
+        """Phase 3: clip and step (optimizer and, with ``schedule``, the LR schedule) -> (grad norm, None), or
+        make no update and discard the gradients when the loss or the gradient norm is not finite -> (norm,
+        "skipped_nonfinite")."""
         cfg = self.config
         norm_t = self._grad_norm()
         grad_norm = float(norm_t)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return grad_norm, "skipped_nonfinite"
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            params = [p for p in self.model.parameters() if p.grad is not None]
+            params = [p for p in [*self.model.parameters(), *self.extra_params] if p.grad is not None]
             if self.fsdp:  # DTensor gradients: scale the local shards (torch's clip_coef formula)
                 coef = min(1.0, cfg.max_grad_norm / (grad_norm + 1e-6))
                 for p in params:
@@ -326,7 +333,8 @@ class Trainer:
             else:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm_t)
         self.optimizer.step()
-        self.scheduler.step()
+        if schedule:
+            self.scheduler.step()
         return grad_norm, None
 
     def train_step(self) -> dict[str, Any]:
@@ -341,8 +349,27 @@ class Trainer:
         kept = ro.kept()
         t1 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
-        stats, n_kept = self.compute_gradients(kept)
-        grad_norm, reason = (None, "skipped_all_dropped") if n_kept == 0 else self.apply_update(stats.get("loss", 0.0))
+        self.model.train()
+        # one optimizer step per phase (PPO: epochs x minibatches over the rollout; the others: one); the LR
+        # schedule advances once per step
+        phases = self.method.rollout_phases(self.config, self.forward, kept, ref_model=self.ref_model,
+                                            modules=self.modules, step=self.step)
+        history, norms, n_kept, reason = [], [], len(kept.prompt_ids), None
+        for i, phase in enumerate(phases):
+            stats, n_kept = self.compute_gradients(phase)
+            if n_kept == 0:
+                grad_norm, reason = None, "skipped_all_dropped"
+                break
+            grad_norm, bad = self.apply_update(stats.get("loss", 0.0), schedule=i == len(phases) - 1)
+            if bad is not None:
+                reason = bad
+                break
+            history.append(stats)
+            norms.append(grad_norm)
+        if len(phases) > 1 and reason is None:  # the step's statistics: means over its optimizer steps
+            stats = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+            grad_norm = sum(norms) / len(norms)
+            n_kept = len(kept.prompt_ids)
         if reason is not None:
             self.optimizer.zero_grad(set_to_none=True)  # discard the bad gradients; no optimizer / LR step
             self.counters[reason] += 1
@@ -415,6 +442,7 @@ class Trainer:
         return {"step": self.step, "optimizer": optim, "parallel": "fsdp" if self.fsdp else "ddp",
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng,
                 "config": ckpt.plain(dataclasses.asdict(self.config)), "counters": dict(self.counters), "format": 1,
+                "modules": {k: dict(m.state_dict()) for k, m in self.modules.items()},
                 "weight_dtype": lora.DTYPE_NAMES.get(self.weight_dtype, str(self.weight_dtype))}
 
     def save_checkpoint(self) -> Path:
@@ -433,6 +461,11 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         """Restore optimizer, scheduler, sampler, RNG and step from ``path/trainer_state.pt``."""
         state = ckpt.read_trainer_state(path)
+        for k, m in self.modules.items():  # PPO's value head
+            if k not in (state.get("modules") or {}):
+                raise ValueError(f"{path} holds no {k!r} (trainer_state.pt 'modules'): it was not written by a "
+                                 f"{self.config.method} run")
+            m.load_state_dict(state["modules"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])

@@ -1,4 +1,4 @@
-"""The per-method losses of one step (GRAO, GRPO, SFT, DPO), forward and backward over micro-batches.
+"""The per-method losses of one step (GRAO, GRPO, SFT, DPO, PPO), forward and backward over micro-batches.
 
 Each ``*_update`` runs the passes of one step's loss on a rollout, in the ranges of the planner
 (``grao.trainer.plan``); the gradients accumulate in ``.grad`` and the optimizer step is the trainer's. The
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from grao.baselines import dpo_loss, grpo_advantages, grpo_loss
+from grao.baselines import dpo_loss, gae_advantages, grpo_advantages, grpo_loss, masked_whiten, ppo_loss, ppo_rewards
 from grao.reference import (
     COMPONENTS,
     GRAOInputError,
@@ -186,3 +186,74 @@ def dpo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, rows: Rows
         for k, v in stats.items():
             acc[k] = acc.get(k, 0.0) + float(v) * share
     return {"loss": total, **{f"dpo_{k}": v for k, v in acc.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------- PPO
+#: The per-row constants of a PPO rollout (``Rollout.extras``), each a list of 1-D tensors, one per row
+#: (per prompt its G samples), as long as the row's completion.
+PPO_ROW_KEYS = ("old_logp", "old_values", "advantages", "returns")
+
+
+def _scatter_rows(per_row: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per-row 1-D tensors -> [N, L] laid out as ``mask`` (each row's masked entries in order), 0 elsewhere."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return out.masked_scatter(mask, torch.cat(per_row).to(mask.device, torch.float32))
+
+
+def ppo_prepare(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, rows: Rows, plan: Plan, ref_model,
+                value_head) -> dict:
+    """The rollout's PPO constants, once, under no_grad (docs/spec.md, PPO): the policy's log-probs and values,
+    the per-token rewards (KL penalty against ``ref_model`` plus R(o, y) at the last token), GAE advantages
+    (whitened over the rollout's tokens) and returns. -> ``{key: [per-row tensors]}`` for ``PPO_ROW_KEYS``
+    and ``"stats"`` (logged)."""
+    logps, values, refs = [], [], []
+    with torch.no_grad():
+        for start, stop in plan:
+            chunk = rows[start:stop]
+            logp, value, mask = forward.token_logp_values(chunk, value_head)
+            counts = mask.sum(-1).tolist()
+            logps += list(logp[mask].float().split(counts))
+            values += list(value[mask].float().split(counts))
+            if cfg.ppo_kl_coef > 0:
+                ref, ref_mask = forward.token_logp(chunk, model=ref_model)
+                refs += list(ref[ref_mask].float().split(ref_mask.sum(-1).tolist()))
+    refs = refs or [x.clone() for x in logps]
+    lengths = [len(x) for x in logps]
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
+    logp, value, ref = pad(logps), pad(values), pad(refs)
+    mask = torch.arange(logp.shape[1], device=logp.device)[None, :] < torch.tensor(lengths, device=logp.device)[:, None]
+    scores = ro.rewards[:, :-1].reshape(-1).to(logp.device, torch.float32)  # R(o_i, y) per sample row
+    rewards, kl = ppo_rewards(scores, logp, ref, mask, kl_coef=cfg.ppo_kl_coef)
+    adv, returns = gae_advantages(rewards, value, mask, gamma=cfg.ppo_gamma, lam=cfg.ppo_gae_lambda)
+    white = masked_whiten(adv, mask)
+    split = lambda x: list(x[mask].split(lengths))  # noqa: E731
+    n = mask.sum().clamp(min=1)
+    stats = {"kl": float(kl.sum() / n), "value_mean": float((value * mask).sum() / n),
+             "return_mean": float((returns * mask).sum() / n), "score_mean": float(scores.mean())}
+    return {"old_logp": logps, "old_values": values, "advantages": split(white), "returns": split(returns),
+            "stats": stats}
+
+
+def ppo_update(cfg: TrainConfig, forward: PolicyForward, ro: Rollout, rows: Rows, plan: Plan, grad_scale: float,
+               value_head) -> dict[str, float]:
+    """One PPO minibatch (``ro``, its constants in ``ro.extras``): the clipped surrogate and the clipped value
+    loss, a token mean over the minibatch. The surrogate's dLoss/dlogp depends on the ratio, known only after
+    the forward, so each chunk takes the log-probs (``linear_logprob``: no [tokens x vocab] logits) and
+    back-propagates them."""
+    ex = ro.extras
+    n_tokens = sum(len(x) for x in ex["old_logp"])
+    total, acc = 0.0, {}
+    for start, stop in plan:
+        logp, values, mask = forward.token_logp_values(rows[start:stop], value_head)
+        const = {k: _scatter_rows(ex[k][start:stop], mask) for k in PPO_ROW_KEYS}
+        loss, stats = ppo_loss(logp, values, mask, old_token_logp=const["old_logp"], old_values=const["old_values"],
+                               advantages=const["advantages"], returns=const["returns"], clip=cfg.ppo_clip,
+                               value_clip=cfg.ppo_value_clip, value_coef=cfg.ppo_value_coef, num_tokens=n_tokens)
+        (loss * grad_scale).backward()
+        total += float(loss.detach())
+        share = int(mask.sum()) / max(1, n_tokens)
+        for k, v in stats.items():  # policy / value loss are already sums / n_tokens; the rest chunk means
+            acc[k] = acc.get(k, 0.0) + float(v) * (1.0 if k.endswith("_loss") else share)
+    out = {"loss": total, **{f"ppo_{k}": v for k, v in acc.items()}}
+    out.update({f"ppo_{k}": v for k, v in ex.get("stats", {}).items()})
+    return out

@@ -36,7 +36,7 @@ CASES = [
     (["train", "--steps", "2.5"], "--steps must be an integer >= 1, got 2.5"),
     (["train", "--lr", "-1"], "--lr must be a number > 0, got -1"),
     (["train", "--top-p", "1.5"], "--top-p must be a number in (0, 1], got 1.5"),
-    (["train", "--method", "gpro"], "--method must be one of grao, grpo, sft, dpo, got 'gpro' (did you mean 'grpo'?)"),
+    (["train", "--method", "gpro"], "--method must be one of grao, grpo, sft, dpo, ppo, got 'gpro' (did you mean 'grpo'?)"),
     (["train", "--task", "revrse"], f"--task must be one of {', '.join(TASKS)}, got 'revrse' (did you mean 'reverse'?)"),
     (["train", "--loss-impl", "fuse"], "--loss-impl must be one of auto, fused, eager, got 'fuse' (did you mean 'fused'?)"),
     (["train", "--reward", "exact_mtch"], "got 'exact_mtch' (did you mean 'exact_match'?)"),
@@ -126,7 +126,7 @@ def test_every_option_has_a_description_and_its_allowed_values():
         for action in parser._actions:
             assert action.help, f"grao {cmd} {action.option_strings or action.dest}: no help"
     train = {a.dest: a for a in COMMANDS["train"]._actions}
-    assert train["method"].metavar == "{grao,grpo,sft,dpo}"
+    assert train["method"].metavar == "{grao,grpo,sft,dpo,ppo}"
     assert "an integer >= 1" in train["group_size"].help and "default: 8" in train["group_size"].help
     assert "a number in (0, 1]" in train["top_p"].help
 

@@ -20,7 +20,7 @@ from grao_kernels import checks as _checks
 SAME = [
     ("group_size", 0, "0", "must be an integer >= 1, got 0"),
     ("lr", -1, "-1", "must be a number > 0, got -1"),
-    ("method", "gpro", "gpro", "must be one of grao, grpo, sft, dpo, got 'gpro' (did you mean 'grpo'?)"),
+    ("method", "gpro", "gpro", "must be one of grao, grpo, sft, dpo, ppo, got 'gpro' (did you mean 'grpo'?)"),
     ("bf16", "maybe", "maybe", "must be one of auto, true, false, got 'maybe'"),
     ("adam_beta2", 1, "1", "must be a number in [0, 1), got 1"),
     ("reward", "exact_mtch", "exact_mtch", "(did you mean 'exact_match'?)"),

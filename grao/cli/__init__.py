@@ -3,7 +3,7 @@
     grao demo                                    # built-in tiny LM + synthetic task, about half a minute on a CPU
     grao train --config run.yaml [--lr 1e-5 ...] # every TrainConfig field is also a flag
     grao eval --model runs/x/checkpoints/step-00000100 --base <base model> --data eval.jsonl
-    grao compare --methods sft,dpo,grpo,grao --seeds 0,1,2 --output-dir results/compare
+    grao compare --methods sft,dpo,ppo,grpo,grao --seeds 0,1,2 --output-dir results/compare
     grao merge-lora runs/x/checkpoints/step-00000100 runs/x/merged   # a LoRA checkpoint -> a plain model folder
 
 A user error (a bad value, a missing file, an output folder holding another run, ...) ends the command with
@@ -128,9 +128,9 @@ def build_parser() -> Parser:
                  "then write a table (mean ± std over seeds), results.json and learning curves to --output-dir.\n"
                  "Any other option of grao train can be set with --config.",
                  "YAML file of any grao train options except " + ", ".join(COMPARE_SETS))
-    p.add_argument("--methods", type=comma_list("choice", METHODS), default=["sft", "dpo", "grpo", "grao"],
+    p.add_argument("--methods", type=comma_list("choice", METHODS), default=["sft", "dpo", "ppo", "grpo", "grao"],
                    metavar="LIST", help=f"methods to train, comma-separated, from {', '.join(METHODS)} "
-                   "(default: sft,dpo,grpo,grao)")
+                   "(default: sft,dpo,ppo,grpo,grao)")
     p.add_argument("--seeds", type=comma_list("int"), default=[0, 1, 2], metavar="LIST",
                    help="seeds, comma-separated integers; each method trains once per seed (default: 0,1,2)")
     p.add_argument("--output-dir", dest="compare_dir", default="runs/compare", metavar="DIR",

@@ -277,7 +277,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def cmd_compare(args) -> int:
-    """SFT, DPO, GRPO and GRAO on the same task, budget and seeds; a table and learning curves."""
+    """SFT, DPO, PPO, GRPO and GRAO on the same task, budget and seeds; a table and learning curves."""
     import torch
 
     from grao.cli.compare_report import ABLATIONS, results_json, table_lines, truth_metrics

@@ -295,3 +295,25 @@ def accumulate_gradients(config: TrainConfig, forward: PolicyForward, ro: Rollou
     ``tokenizer``: DPO's ``rejected`` column."""
     return get_method(config.method).update(config, forward, ro, grad_scale=grad_scale, ref_model=ref_model,
                                             tokenizer=tokenizer, modules=modules)
+
+
+def step_over_phases(phases: list[Rollout], compute, apply) -> tuple[dict, int, float | None, str | None]:
+    """One optimizer step per phase (``Method.rollout_phases``): ``compute(phase)`` -> (stats, kept prompts),
+    ``apply(loss, schedule=last)`` -> (grad norm, skip reason or None); the LR schedule advances once, at the last.
+    -> (stats, kept prompts, grad norm, skip reason); over several phases the means of their stats and norms.
+    A phase that skips ends the step there (the earlier phases' updates stay)."""
+    history, norms = [], []
+    stats, n_kept, grad_norm = {}, 0, None
+    for i, phase in enumerate(phases):
+        stats, n_kept = compute(phase)
+        if n_kept == 0:
+            return stats, 0, None, "skipped_all_dropped"
+        grad_norm, bad = apply(stats.get("loss", 0.0), schedule=i == len(phases) - 1)
+        if bad is not None:
+            return stats, n_kept, grad_norm, bad
+        history.append(stats)
+        norms.append(grad_norm)
+    if len(phases) > 1:
+        stats = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        grad_norm = sum(norms) / len(norms)
+    return stats, n_kept, grad_norm, None

@@ -43,7 +43,7 @@ from grao.trainer import distributed as dist
 from grao.trainer import lora
 from grao.trainer.config import ConfigError, TrainConfig, check_resume
 from grao.trainer.forward import LossBackend, PolicyForward, resolve_loss_impl
-from grao.trainer.methods import Method, get_method
+from grao.trainer.methods import Method, get_method, step_over_phases
 from grao.trainer.metrics import (
     MetricsLog,
     peak_memory_bytes,
@@ -354,22 +354,8 @@ class Trainer:
         # schedule advances once per step
         phases = self.method.rollout_phases(self.config, self.forward, kept, ref_model=self.ref_model,
                                             modules=self.modules, step=self.step)
-        history, norms, n_kept, reason = [], [], len(kept.prompt_ids), None
-        for i, phase in enumerate(phases):
-            stats, n_kept = self.compute_gradients(phase)
-            if n_kept == 0:
-                grad_norm, reason = None, "skipped_all_dropped"
-                break
-            grad_norm, bad = self.apply_update(stats.get("loss", 0.0), schedule=i == len(phases) - 1)
-            if bad is not None:
-                reason = bad
-                break
-            history.append(stats)
-            norms.append(grad_norm)
-        if len(phases) > 1 and reason is None:  # the step's statistics: means over its optimizer steps
-            stats = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
-            grad_norm = sum(norms) / len(norms)
-            n_kept = len(kept.prompt_ids)
+        stats, n_kept, grad_norm, reason = step_over_phases(phases, self.compute_gradients, self.apply_update)
+        n_kept = len(kept.prompt_ids) if n_kept and len(phases) > 1 else n_kept  # PPO: all its minibatches
         if reason is not None:
             self.optimizer.zero_grad(set_to_none=True)  # discard the bad gradients; no optimizer / LR step
             self.counters[reason] += 1
@@ -462,10 +448,7 @@ class Trainer:
         """Restore optimizer, scheduler, sampler, RNG and step from ``path/trainer_state.pt``."""
         state = ckpt.read_trainer_state(path)
         for k, m in self.modules.items():  # PPO's value head
-            if k not in (state.get("modules") or {}):
-                raise ValueError(f"{path} holds no {k!r} (trainer_state.pt 'modules'): it was not written by a "
-                                 f"{self.config.method} run")
-            m.load_state_dict(state["modules"][k])
+            m.load_state_dict(state["modules"][k])  # KeyError: a state not written by this method
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])

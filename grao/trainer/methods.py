@@ -122,7 +122,17 @@ class GRAO(Method):
         return update.grao_update(cfg, forward, ro, b.rows, plan, grad_scale)
 
 
-class GRPO(Method):
+class OnSamples(Method):
+    """A method that trains on a prompt's G sampled completions only (GRPO, PPO): G rows a group, splittable."""
+
+    def rows_per_group(self, cfg):
+        return cfg.group_size
+
+    def batch(self, cfg, ro, tokenizer=None):
+        return Batch(update.grpo_rows(ro), self.rows_per_group(cfg), True)
+
+
+class GRPO(OnSamples):
     """GRPO as TRL defines it: the G samples only, advantages normalised over them."""
 
     name = "grpo"
@@ -136,11 +146,6 @@ class GRPO(Method):
     def needs_reference_model(self, cfg):
         return cfg.grpo_kl_beta > 0  # the KL term's initial policy
 
-    def rows_per_group(self, cfg):
-        return cfg.group_size
-
-    def batch(self, cfg, ro, tokenizer=None):
-        return Batch(update.grpo_rows(ro), self.rows_per_group(cfg), True)
 
     def loss_normaliser(self, cfg, ro):
         if cfg.grpo_loss_type == "dapo":  # DAPO's token mean: completion tokens
@@ -195,7 +200,7 @@ class DPO(Method):
         return update.dpo_update(cfg, forward, ro, b.rows, plan, grad_scale, ref_model)
 
 
-class PPO(Method):
+class PPO(OnSamples):
     """PPO as RLHF practice runs it for LMs (docs/spec.md, PPO): the G samples scored at their last token, a
     per-token KL penalty against the initial policy in the rewards, a value head on the policy's final hidden
     states, GAE, ``ppo_epochs`` x ``ppo_minibatches`` optimizer steps per rollout. One process only."""
@@ -211,11 +216,6 @@ class PPO(Method):
     def needs_reference_model(self, cfg):
         return cfg.ppo_kl_coef > 0  # the KL penalty's initial policy
 
-    def rows_per_group(self, cfg):
-        return cfg.group_size
-
-    def batch(self, cfg, ro, tokenizer=None):
-        return Batch(update.grpo_rows(ro), self.rows_per_group(cfg), True)
 
     def loss_normaliser(self, cfg, ro):
         return float(sum(len(s) for group in ro.sample_ids for s in group))  # a token mean
